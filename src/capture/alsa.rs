@@ -1,0 +1,291 @@
+//! ALSA capture: opens a PCM for interleaved S16_LE at the configured rate and channel count, reads
+//! one period at a time, recovers from xruns and reports a vanished device so the thread reopens it.
+//!
+//! Also lists capture devices for `hark devices`. Deliberately not here: mixer controls, mmap I/O.
+//!
+//! # Why `io_unchecked`
+//! `PCM::io_i16()` verifies the sample format on every call by fetching the current hw params, and
+//! that allocates (`snd_pcm_hw_params_malloc`). The format is checked once in `open`, and the period
+//! loop then uses `io_unchecked`, so the hot loop makes no allocation.
+
+use std::ffi::CString;
+use std::time::Instant;
+
+use ::alsa::pcm::{Access, Format, HwParams, PCM};
+use ::alsa::{Direction, ValueOr};
+
+use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
+use crate::config::ChannelSel;
+
+pub const NAME: &str = "alsa";
+
+/// Captures from an ALSA PCM.
+pub struct AlsaSource {
+    device: String,
+    rate: u32,
+    channels: u32,
+    channel: ChannelSel,
+    period_ms: u32,
+    pcm: Option<PCM>,
+    converter: Option<Converter>,
+    buf: Vec<i16>,
+    actual_rate: u32,
+    last_read: Option<Instant>,
+    /// Device xruns recovered so far (each is also an overrun gap).
+    pub xruns: u64,
+}
+
+impl AlsaSource {
+    pub fn new(
+        device: &str,
+        rate: u32,
+        channels: u32,
+        channel: ChannelSel,
+        period_ms: u32,
+    ) -> AlsaSource {
+        AlsaSource {
+            device: device.to_owned(),
+            rate,
+            channels,
+            channel,
+            period_ms,
+            pcm: None,
+            converter: None,
+            buf: Vec::new(),
+            actual_rate: rate,
+            last_read: None,
+            xruns: 0,
+        }
+    }
+
+    fn err(&self, what: &'static str) -> impl FnOnce(::alsa::Error) -> CaptureError + '_ {
+        move |source| CaptureError::Alsa {
+            device: self.device.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Lost samples (at 16 kHz) since the last good read: the estimate of an xrun's gap.
+    fn lost_since_last_read(&self) -> u64 {
+        match self.last_read {
+            Some(t) => t.elapsed().as_millis() as u64 * u64::from(SAMPLE_RATE) / 1000,
+            None => 0,
+        }
+    }
+}
+
+impl Source for AlsaSource {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "alsa:{} ({} Hz, {} ch)",
+            self.device, self.actual_rate, self.channels
+        )
+    }
+
+    fn open(&mut self) -> Result<(), CaptureError> {
+        self.pcm = None;
+        let pcm = PCM::new(&self.device, Direction::Capture, false).map_err(self.err("open"))?;
+        let period_frames;
+        {
+            let hwp = HwParams::any(&pcm).map_err(self.err("read hardware parameters"))?;
+            hwp.set_access(Access::RWInterleaved)
+                .map_err(self.err("set interleaved access"))?;
+            hwp.set_format(Format::s16())
+                .map_err(self.err("set format S16_LE"))?;
+            if hwp.set_channels(self.channels).is_err() {
+                let (lo, hi) = (
+                    hwp.get_channels_min().unwrap_or(0),
+                    hwp.get_channels_max().unwrap_or(0),
+                );
+                return Err(CaptureError::Unsupported {
+                    device: self.device.clone(),
+                    message: format!(
+                        "cannot capture {} channels (it offers {lo}..={hi}); set capture.channels",
+                        self.channels
+                    ),
+                });
+            }
+            let rate = hwp
+                .set_rate_near(self.rate, ValueOr::Nearest)
+                .map_err(self.err("set rate"))?;
+            let want = (rate * self.period_ms / 1000).max(16);
+            let period = hwp
+                .set_period_size_near(want.into(), ValueOr::Nearest)
+                .map_err(self.err("set period size"))?;
+            hwp.set_buffer_size_near(period * 8)
+                .map_err(self.err("set buffer size"))?;
+            pcm.hw_params(&hwp)
+                .map_err(self.err("apply hardware parameters"))?;
+            self.actual_rate = rate;
+            period_frames = period.max(1) as usize;
+        }
+        let current = pcm
+            .hw_params_current()
+            .map_err(self.err("read back parameters"))?;
+        if current.get_format().map_err(self.err("read back format"))? != Format::s16() {
+            return Err(CaptureError::Unsupported {
+                device: self.device.clone(),
+                message: "did not accept S16_LE samples".into(),
+            });
+        }
+        drop(current);
+        if self.actual_rate != self.rate {
+            tracing::warn!(
+                "{} runs at {} Hz, not the configured {} Hz; resampling from {} Hz",
+                self.device,
+                self.actual_rate,
+                self.rate,
+                self.actual_rate
+            );
+        }
+        self.converter = Some(Converter::new(
+            self.actual_rate,
+            self.channels as usize,
+            self.channel,
+            period_frames,
+        )?);
+        self.buf = vec![0; period_frames * self.channels as usize];
+        pcm.start()
+            .or_else(|_| pcm.prepare())
+            .map_err(self.err("start"))?;
+        self.pcm = Some(pcm);
+        self.last_read = None;
+        Ok(())
+    }
+
+    fn read_period(&mut self, ring: &mut RingWriter) -> Result<Flow, CaptureError> {
+        let (Some(pcm), Some(converter)) = (&self.pcm, &mut self.converter) else {
+            return Err(CaptureError::Unsupported {
+                device: self.device.clone(),
+                message: "not open".into(),
+            });
+        };
+        // SAFETY: the format was verified as S16_LE in `open`, and this is the only IO object.
+        let io = unsafe { pcm.io_unchecked::<i16>() };
+        match io.readi(&mut self.buf) {
+            Ok(frames) => {
+                let n = frames * self.channels as usize;
+                converter.push(&self.buf[..n], ring);
+                self.last_read = Some(Instant::now());
+                Ok(Flow::Continue)
+            }
+            Err(e) if e.errno() == libc::EAGAIN || e.errno() == libc::EINTR => Ok(Flow::Continue),
+            Err(e) if e.errno() == libc::EPIPE || e.errno() == libc::ESTRPIPE => {
+                // Overrun (or suspend): the device dropped what we did not read in time.
+                if pcm.try_recover(e, true).is_err() {
+                    return Err(CaptureError::Alsa {
+                        device: self.device.clone(),
+                        what: "recover from overrun",
+                        source: e,
+                    });
+                }
+                let _ = pcm.start();
+                self.xruns += 1;
+                ring.mark_gap(self.lost_since_last_read().max(1));
+                self.last_read = Some(Instant::now());
+                Ok(Flow::Continue)
+            }
+            Err(e) => Err(CaptureError::Alsa {
+                device: self.device.clone(),
+                what: "read",
+                source: e,
+            }),
+        }
+    }
+
+    fn waits_for_consumer(&self) -> bool {
+        false
+    }
+}
+
+/// One capture device as `hark devices` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub description: String,
+    /// What the device accepts, or why it could not be probed.
+    pub caps: Result<Caps, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caps {
+    pub rate_min: u32,
+    pub rate_max: u32,
+    /// Common rates the device accepts.
+    pub rates: Vec<u32>,
+    pub channels_min: u32,
+    pub channels_max: u32,
+    pub s16: bool,
+}
+
+const COMMON_RATES: &[u32] = &[8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000];
+
+/// Probe what `name` accepts for capture.
+pub fn probe(name: &str) -> Result<Caps, String> {
+    let pcm = PCM::new(name, Direction::Capture, true).map_err(|e| e.to_string())?;
+    let hwp = HwParams::any(&pcm).map_err(|e| e.to_string())?;
+    let rates = COMMON_RATES
+        .iter()
+        .copied()
+        .filter(|&r| hwp.test_rate(r).is_ok())
+        .collect();
+    Ok(Caps {
+        rate_min: hwp.get_rate_min().map_err(|e| e.to_string())?,
+        rate_max: hwp.get_rate_max().map_err(|e| e.to_string())?,
+        rates,
+        channels_min: hwp.get_channels_min().map_err(|e| e.to_string())?,
+        channels_max: hwp.get_channels_max().map_err(|e| e.to_string())?,
+        s16: hwp.test_format(Format::s16()).is_ok(),
+    })
+}
+
+/// Capture devices: the PCMs ALSA's configuration hints at, and every card's hardware devices.
+pub fn list_devices() -> Vec<DeviceInfo> {
+    let mut out: Vec<DeviceInfo> = Vec::new();
+    let pcm_iface = CString::new("pcm").unwrap_or_default();
+    if let Ok(hints) = ::alsa::device_name::HintIter::new(None, &pcm_iface) {
+        for hint in hints {
+            let Some(name) = hint.name else { continue };
+            if hint.direction == Some(Direction::Playback) || name == "null" {
+                continue;
+            }
+            let description = hint.desc.unwrap_or_default().replace('\n', " ");
+            out.push(DeviceInfo {
+                caps: probe(&name),
+                name,
+                description,
+            });
+        }
+    }
+    for card in ::alsa::card::Iter::new().flatten() {
+        let index = card.get_index();
+        let card_name = card.get_name().unwrap_or_default();
+        let Ok(ctl) = ::alsa::ctl::Ctl::from_card(&card, false) else {
+            continue;
+        };
+        for dev in ::alsa::ctl::DeviceIter::new(&ctl) {
+            let name = format!("hw:{index},{dev}");
+            if out.iter().any(|d| d.name == name) {
+                continue;
+            }
+            let caps = probe(&name);
+            if caps.is_err() && probe(&format!("plughw:{index},{dev}")).is_err() {
+                // Not a capture device.
+                continue;
+            }
+            out.push(DeviceInfo {
+                name,
+                description: format!(
+                    "{card_name}, device {dev} (use plughw:{index},{dev} for any rate)"
+                ),
+                caps,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,677 @@
+//! Capture: one thread per source fills a lock-free SPSC ring with mono 16 kHz i16 samples.
+//!
+//! A source ([`Source`]) reads its device, file or pipe one period at a time; [`Converter`] picks or
+//! mixes the channel and resamples; [`RingWriter`] pushes into the ring. The period loop does not
+//! allocate, lock, log or block on anything but the device: an overrun is counted in an atomic and
+//! marked as a gap (position and length) in a second small ring, so the dsp thread keeps the stream's
+//! timeline exact. Everything that may allocate (opening, reopening, reporting) happens outside it.
+//!
+//! Deliberately not here: voice detection, encoding, any knowledge of utterances.
+
+pub mod alsa;
+pub mod file;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use audioadapter_buffers::direct::InterleavedSlice;
+use ringbuf::traits::{Consumer, Observer, Producer, Split};
+use ringbuf::{HeapCons, HeapProd, HeapRb};
+use rubato::{Fft, FixedSync, Resampler};
+
+use crate::config::ChannelSel;
+use crate::event::{EventKind, Events, Stage};
+
+/// The internal format: mono i16 at this rate.
+pub const SAMPLE_RATE: u32 = 16_000;
+
+/// Errors of the capture stage.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The input file cannot be opened or read. Final: fix the path or permissions.
+    #[error("cannot read input {path}: {source}")]
+    Input {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file looks like WAV but its header is broken or unsupported. Final.
+    #[error("{path}: not a usable WAV file: {source}")]
+    Wav { path: String, source: hound::Error },
+    /// The ALSA device cannot be opened or configured. Retried with backoff by the daemon.
+    #[error("ALSA device {device}: {what}: {source}")]
+    Alsa {
+        device: String,
+        what: &'static str,
+        source: ::alsa::Error,
+    },
+    /// The device does not offer what the config asks (rate, channels). Retried like `Alsa`.
+    #[error("ALSA device {device}: {message}")]
+    Unsupported { device: String, message: String },
+    /// The resampler cannot be built for this rate. Final.
+    #[error("cannot resample {from} Hz to {SAMPLE_RATE} Hz: {message}")]
+    Resample { from: u32, message: String },
+}
+
+impl CaptureError {
+    /// Whether reopening the source later may help (a device may come back; a file will not heal).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            CaptureError::Alsa { .. } | CaptureError::Unsupported { .. }
+        )
+    }
+
+    /// The `code` of the `error` event.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CaptureError::Input { .. } => "input_unreadable",
+            CaptureError::Wav { .. } => "bad_wav",
+            CaptureError::Alsa { .. } | CaptureError::Unsupported { .. } => "device_unavailable",
+            CaptureError::Resample { .. } => "resample",
+        }
+    }
+}
+
+/// What a source's period read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The input ended; the converter has been flushed.
+    EndOfInput,
+}
+
+/// A capture backend. `open` may allocate and log; `read_period` is the hot loop's body and must not.
+pub trait Source: Send {
+    fn name(&self) -> &'static str;
+    /// A description for logs, e.g. `alsa:plughw:CARD=Device,DEV=0`.
+    fn describe(&self) -> String;
+    /// Open or reopen the device. Called before the first period and after a lost device.
+    fn open(&mut self) -> Result<(), CaptureError>;
+    /// Read one period, convert it and push it into the ring.
+    fn read_period(&mut self, ring: &mut RingWriter) -> Result<Flow, CaptureError>;
+    /// Whether a full ring should wait for the consumer (files, pipes) rather than drop (devices).
+    fn waits_for_consumer(&self) -> bool;
+}
+
+/// Backends by name, as `capture.source` selects them.
+pub const SOURCES: &[&str] = &[alsa::NAME, file::NAME, file::STDIN_NAME];
+
+/// A break in the sample stream, in stream positions (samples at 16 kHz).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    /// Stream position where the gap starts.
+    pub pos: u64,
+    /// Samples lost (an overrun, replayed as silence), or 0 for a discontinuity (device lost).
+    pub len: u64,
+}
+
+/// State shared by the capture thread, the dsp thread and the control thread.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Set by the control thread: capture stops, dsp drains and closes the open utterance.
+    pub stop: AtomicBool,
+    /// Set by the capture thread when it will push no more samples.
+    pub finished: AtomicBool,
+    /// Overruns (ring full, device xruns), each one a gap.
+    pub overruns: AtomicU64,
+    /// Samples lost to overruns.
+    pub lost_samples: AtomicU64,
+    /// Periods delivered; grows while capture makes progress.
+    pub periods: AtomicU64,
+    /// Whether the source is open and delivering (false while a device is being reopened).
+    pub capturing: AtomicBool,
+    /// The threads at each end of the ring, woken when the other end moves.
+    pub producer: OnceLock<Thread>,
+    pub consumer: OnceLock<Thread>,
+}
+
+impl Shared {
+    fn wake(thread: &OnceLock<Thread>) {
+        if let Some(t) = thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// The capture thread's end of the ring.
+pub struct RingWriter {
+    samples: HeapProd<i16>,
+    gaps: HeapProd<Gap>,
+    /// Stream position of the next sample (lost samples included).
+    pos: u64,
+    shared: Arc<Shared>,
+    wait: bool,
+}
+
+/// The dsp thread's end of the ring.
+pub struct RingReader {
+    samples: HeapCons<i16>,
+    gaps: HeapCons<Gap>,
+    pos: u64,
+    shared: Arc<Shared>,
+}
+
+/// What [`RingReader::read`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// This many samples were copied.
+    Samples(usize),
+    /// The stream has a gap here; the reader's position has moved past it.
+    Gap(Gap),
+    /// Nothing available now.
+    Empty,
+}
+
+/// Gaps the ring can hold before further ones are merged into the count only.
+const GAP_CAPACITY: usize = 64;
+
+/// Make a ring of `capacity` samples.
+pub fn ring(capacity: usize, shared: Arc<Shared>) -> (RingWriter, RingReader) {
+    let (samples_tx, samples_rx) = HeapRb::<i16>::new(capacity.max(1)).split();
+    let (gaps_tx, gaps_rx) = HeapRb::<Gap>::new(GAP_CAPACITY).split();
+    (
+        RingWriter {
+            samples: samples_tx,
+            gaps: gaps_tx,
+            pos: 0,
+            shared: shared.clone(),
+            wait: false,
+        },
+        RingReader {
+            samples: samples_rx,
+            gaps: gaps_rx,
+            pos: 0,
+            shared,
+        },
+    )
+}
+
+impl RingWriter {
+    /// Push samples. A device source drops what does not fit (an overrun, marked as a gap); a file
+    /// source waits for the consumer. Returns false when told to stop while waiting.
+    pub fn push(&mut self, mut samples: &[i16]) -> bool {
+        loop {
+            let n = self.samples.push_slice(samples);
+            self.pos += n as u64;
+            samples = &samples[n..];
+            if n > 0 {
+                self.wake_consumer();
+            }
+            if samples.is_empty() {
+                return true;
+            }
+            if !self.wait {
+                self.mark_gap(samples.len() as u64);
+                return true;
+            }
+            if self.shared.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+
+    /// Record that `len` samples were lost here (0: a discontinuity such as a lost device).
+    pub fn mark_gap(&mut self, len: u64) {
+        let gap = Gap { pos: self.pos, len };
+        self.pos += len;
+        if len > 0 {
+            self.shared.overruns.fetch_add(1, Ordering::Relaxed);
+            self.shared.lost_samples.fetch_add(len, Ordering::Relaxed);
+        }
+        // A full gap ring means the consumer is far behind; the loss is still counted above, and
+        // the timeline shifts by the unmarked length. 64 pending gaps is already a broken system.
+        let _ = self.gaps.try_push(gap);
+        self.wake_consumer();
+    }
+
+    /// Count a delivered period (watchdog progress).
+    pub fn period_done(&self) {
+        self.shared.periods.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wake_consumer(&self) {
+        Shared::wake(&self.shared.consumer);
+    }
+
+    /// The stream position of the next sample.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+}
+
+impl RingReader {
+    /// Copy available samples into `out`, stopping at the next gap.
+    pub fn read(&mut self, out: &mut [i16]) -> Chunk {
+        let mut limit = out.len();
+        if let Some(gap) = self.gaps.first().copied() {
+            if gap.pos <= self.pos {
+                self.gaps.try_pop();
+                self.pos += gap.len;
+                return Chunk::Gap(gap);
+            }
+            limit = limit.min((gap.pos - self.pos) as usize);
+        }
+        let n = self.samples.pop_slice(&mut out[..limit]);
+        if n == 0 {
+            return Chunk::Empty;
+        }
+        self.pos += n as u64;
+        Shared::wake(&self.shared.producer);
+        Chunk::Samples(n)
+    }
+
+    /// Wait until the producer may have pushed something, or `timeout`.
+    pub fn wait(&self, timeout: Duration) {
+        if self.samples.is_empty() && self.gaps.is_empty() {
+            thread::park_timeout(timeout);
+        }
+    }
+
+    /// True once the producer finished and everything it pushed has been read.
+    pub fn is_drained(&self) -> bool {
+        self.shared.finished.load(Ordering::Acquire)
+            && self.samples.is_empty()
+            && self.gaps.is_empty()
+    }
+
+    /// True when nothing is waiting in the ring now.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty() && self.gaps.is_empty()
+    }
+
+    /// Stream position of the next sample read.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// Turns interleaved device samples into mono 16 kHz and pushes them into the ring.
+///
+/// All buffers are allocated in [`Converter::new`]; [`Converter::push`] does not allocate.
+pub struct Converter {
+    channels: usize,
+    select: ChannelSel,
+    mono: Vec<i16>,
+    resampler: Option<Resample>,
+}
+
+struct Resample {
+    fft: Fft<f32>,
+    chunk: usize,
+    input: Vec<f32>,
+    filled: usize,
+    output: Vec<f32>,
+    out_i16: Vec<i16>,
+    /// Output samples still to discard: the resampler's delay, so the timeline starts at 0.
+    skip: usize,
+    in_total: u64,
+    out_total: u64,
+    in_rate: u32,
+}
+
+impl Converter {
+    /// A converter for `channels`-channel audio at `rate`, fed at most `max_frames` frames a call.
+    pub fn new(
+        rate: u32,
+        channels: usize,
+        select: ChannelSel,
+        max_frames: usize,
+    ) -> Result<Converter, CaptureError> {
+        let resampler = if rate == SAMPLE_RATE {
+            None
+        } else {
+            Some(Resample::new(rate)?)
+        };
+        Ok(Converter {
+            channels: channels.max(1),
+            select,
+            mono: vec![0; max_frames.max(1)],
+            resampler,
+        })
+    }
+
+    /// Convert `interleaved` (whole frames) and push it. Returns false when told to stop.
+    pub fn push(&mut self, interleaved: &[i16], ring: &mut RingWriter) -> bool {
+        let frames = (interleaved.len() / self.channels).min(self.mono.len());
+        let mono = &mut self.mono[..frames];
+        if self.channels == 1 {
+            mono.copy_from_slice(&interleaved[..frames]);
+        } else {
+            let frames_in = interleaved.chunks_exact(self.channels);
+            match self.select {
+                ChannelSel::Mix => {
+                    for (out, frame) in mono.iter_mut().zip(frames_in) {
+                        let sum: i32 = frame.iter().map(|&s| i32::from(s)).sum();
+                        *out = (sum / self.channels as i32) as i16;
+                    }
+                }
+                ChannelSel::Index(c) => {
+                    let c = (c as usize).min(self.channels - 1);
+                    for (out, frame) in mono.iter_mut().zip(frames_in) {
+                        *out = frame[c];
+                    }
+                }
+            }
+        }
+        match &mut self.resampler {
+            None => ring.push(mono),
+            Some(r) => r.push(mono, ring),
+        }
+    }
+
+    /// At end of input: push what the resampler still holds, so that the output has exactly
+    /// `input * 16000 / rate` samples.
+    pub fn flush(&mut self, ring: &mut RingWriter) -> bool {
+        match &mut self.resampler {
+            None => true,
+            Some(r) => r.flush(ring),
+        }
+    }
+}
+
+impl Resample {
+    /// Input frames per resampler call. 1/10 s at the input rate keeps the FFT cheap.
+    fn new(rate: u32) -> Result<Resample, CaptureError> {
+        let chunk = (rate / 10) as usize;
+        let fft = Fft::<f32>::new(
+            rate as usize,
+            SAMPLE_RATE as usize,
+            chunk,
+            1,
+            FixedSync::Input,
+        )
+        .map_err(|e| CaptureError::Resample {
+            from: rate,
+            message: e.to_string(),
+        })?;
+        let out_max = fft.output_frames_max();
+        let skip = fft.output_delay();
+        Ok(Resample {
+            fft,
+            chunk,
+            input: vec![0.0; chunk],
+            filled: 0,
+            output: vec![0.0; out_max],
+            out_i16: vec![0; out_max],
+            skip,
+            in_total: 0,
+            out_total: 0,
+            in_rate: rate,
+        })
+    }
+
+    fn push(&mut self, mut mono: &[i16], ring: &mut RingWriter) -> bool {
+        self.in_total += mono.len() as u64;
+        while !mono.is_empty() {
+            let n = (self.chunk - self.filled).min(mono.len());
+            for (dst, &s) in self.input[self.filled..self.filled + n]
+                .iter_mut()
+                .zip(&mono[..n])
+            {
+                *dst = f32::from(s) / 32768.0;
+            }
+            self.filled += n;
+            mono = &mono[n..];
+            if self.filled == self.chunk && !self.process(ring, u64::MAX) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Resample one full input chunk and push at most `limit` more output samples.
+    fn process(&mut self, ring: &mut RingWriter, limit: u64) -> bool {
+        self.filled = 0;
+        let input = InterleavedSlice::new(&self.input[..], 1, self.chunk);
+        let frames_out = self.output.len();
+        let output = InterleavedSlice::new_mut(&mut self.output[..], 1, frames_out);
+        let (Ok(input), Ok(mut output)) = (input, output) else {
+            return true;
+        };
+        let Ok((_, produced)) = self.fft.process_into_buffer(&input, &mut output, None) else {
+            return true;
+        };
+        let skip = self.skip.min(produced);
+        self.skip -= skip;
+        let mut count = produced - skip;
+        count = count.min(limit.saturating_sub(self.out_total) as usize);
+        for (dst, &s) in self.out_i16[..count]
+            .iter_mut()
+            .zip(&self.output[skip..skip + count])
+        {
+            *dst = (s * 32768.0).clamp(-32768.0, 32767.0) as i16;
+        }
+        self.out_total += count as u64;
+        ring.push(&self.out_i16[..count])
+    }
+
+    fn flush(&mut self, ring: &mut RingWriter) -> bool {
+        let expected = self.in_total * u64::from(SAMPLE_RATE) / u64::from(self.in_rate);
+        // Zero-padded chunks push the delayed tail out; a bounded number suffices.
+        for _ in 0..4 {
+            if self.out_total >= expected {
+                break;
+            }
+            self.input[self.filled..].fill(0.0);
+            self.filled = self.chunk;
+            if !self.process(ring, expected) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Owns the capture thread. Dropping it stops the thread and joins it (or, for a source blocked in
+/// a read that cannot be interrupted, such as stdin, leaves it to end with the process).
+pub struct CaptureHandle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CaptureHandle {
+    /// Ask the thread to stop after its current period.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for CaptureHandle {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(thread) = self.thread.take() {
+            // A period is at most 200 ms; give a blocked read a little more, then let it go.
+            for _ in 0..50 {
+                if thread.is_finished() {
+                    let _ = thread.join();
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Backoff for reopening a lost device: 0.5 s doubling to 30 s.
+pub fn reopen_delay(attempt: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1 << attempt.min(6));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Start the capture thread. The source should already be open (so that a bad file is reported
+/// before anything starts); a device that fails later is reopened with backoff.
+pub fn spawn(
+    mut source: Box<dyn Source>,
+    mut ring: RingWriter,
+    events: Events,
+    mut opened: bool,
+) -> std::io::Result<CaptureHandle> {
+    let shared = ring.shared.clone();
+    ring.wait = source.waits_for_consumer();
+    let thread = thread::Builder::new()
+        .name("hark-capture".into())
+        .spawn(move || {
+            let shared = ring.shared.clone();
+            let _ = shared.producer.set(thread::current());
+            let mut attempt = 0u32;
+            'outer: while !shared.stop.load(Ordering::Acquire) {
+                if !opened {
+                    match source.open() {
+                        Ok(()) => {
+                            tracing::info!("capturing from {}", source.describe());
+                            attempt = 0;
+                        }
+                        Err(e) => {
+                            report(&events, &e, e.is_retryable());
+                            if !e.is_retryable() {
+                                break;
+                            }
+                            park_unless_stopped(&shared, reopen_delay(attempt));
+                            attempt = attempt.saturating_add(1);
+                            continue;
+                        }
+                    }
+                }
+                opened = true;
+                shared.capturing.store(true, Ordering::Release);
+                // The hot loop: no allocation, lock or log until it ends.
+                let result = loop {
+                    if shared.stop.load(Ordering::Relaxed) {
+                        break Ok(Flow::Continue);
+                    }
+                    match source.read_period(&mut ring) {
+                        Ok(Flow::Continue) => ring.period_done(),
+                        other => break other,
+                    }
+                };
+                match result {
+                    Ok(Flow::EndOfInput) => break 'outer,
+                    Ok(Flow::Continue) => {}
+                    Err(e) => {
+                        shared.capturing.store(false, Ordering::Release);
+                        report(&events, &e, e.is_retryable());
+                        ring.mark_gap(0);
+                        opened = false;
+                        if !e.is_retryable() {
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            shared.capturing.store(false, Ordering::Release);
+            shared.finished.store(true, Ordering::Release);
+            ring.wake_consumer();
+        })?;
+    Ok(CaptureHandle {
+        shared,
+        thread: Some(thread),
+    })
+}
+
+fn report(events: &Events, e: &CaptureError, retrying: bool) {
+    if retrying {
+        tracing::warn!("{e}; retrying");
+    } else {
+        tracing::error!("{e}");
+    }
+    events.emit(EventKind::Error {
+        stage: Stage::Capture,
+        code: e.code(),
+        message: e.to_string(),
+        retrying,
+    });
+}
+
+fn park_unless_stopped(shared: &Shared, delay: Duration) {
+    let until = std::time::Instant::now() + delay;
+    while !shared.stop.load(Ordering::Acquire) {
+        let now = std::time::Instant::now();
+        if now >= until {
+            return;
+        }
+        thread::park_timeout(until - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_stops_at_gaps_and_keeps_the_timeline() {
+        let shared = Arc::new(Shared::default());
+        let (mut w, mut r) = ring(8, shared.clone());
+        assert!(w.push(&[1, 2, 3, 4, 5, 6]));
+        // Only 2 of these 4 fit: an overrun of 2 samples at position 8.
+        assert!(w.push(&[7, 8, 9, 10]));
+        let mut buf = [0i16; 16];
+        assert_eq!(r.read(&mut buf), Chunk::Samples(8));
+        assert_eq!(&buf[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 8, len: 2 }));
+        assert_eq!(r.position(), 10);
+        assert!(w.push(&[11]));
+        assert_eq!(r.read(&mut buf), Chunk::Samples(1));
+        assert_eq!(r.position(), 11);
+        assert_eq!(shared.overruns.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.lost_samples.load(Ordering::Relaxed), 2);
+    }
+
+    fn convert_all(rate: u32, channels: usize, sel: ChannelSel, input: &[i16]) -> Vec<i16> {
+        let shared = Arc::new(Shared::default());
+        let (mut w, mut r) = ring(input.len() + 100_000, shared);
+        let mut conv = Converter::new(rate, channels, sel, 1000).unwrap();
+        for chunk in input.chunks(333 * channels) {
+            assert!(conv.push(chunk, &mut w));
+        }
+        assert!(conv.flush(&mut w));
+        let mut out = vec![0i16; input.len() + 100_000];
+        let Chunk::Samples(n) = r.read(&mut out) else {
+            panic!("no output")
+        };
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn picks_or_mixes_channels() {
+        let stereo = [100, -100, 200, 0, 300, 100];
+        assert_eq!(
+            convert_all(16_000, 2, ChannelSel::Index(1), &stereo),
+            vec![-100, 0, 100]
+        );
+        assert_eq!(
+            convert_all(16_000, 2, ChannelSel::Mix, &stereo),
+            vec![0, 100, 200]
+        );
+    }
+
+    #[test]
+    fn resampling_keeps_length_and_alignment() {
+        // 1 s of a 440 Hz tone with a click at 0.5 s, at 48 kHz.
+        let mut input: Vec<i16> = (0..48_000)
+            .map(|i| ((i as f32 * 440.0 * std::f32::consts::TAU / 48_000.0).sin() * 8000.0) as i16)
+            .collect();
+        for s in &mut input[24_000..24_048] {
+            *s = 30_000;
+        }
+        let out = convert_all(48_000, 1, ChannelSel::Index(0), &input);
+        assert_eq!(out.len(), 16_000);
+        let peak = out
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, s)| s.unsigned_abs())
+            .map(|(i, _)| i)
+            .unwrap();
+        assert!((7_995..=8_025).contains(&peak), "click moved to {peak}");
+    }
+}

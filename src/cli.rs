@@ -1,0 +1,79 @@
+//! The command line: `hark [run]`, `check-config`, `devices`. Parsing only; what each command does
+//! lives in [`crate::daemon`] and is decided in `main`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Voice-capture daemon: microphone → VAD → Ogg/Opus utterances → JSON events.
+#[derive(Debug, Parser)]
+#[command(name = "hark", version, about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the default).
+    Run(RunArgs),
+    /// Parse and validate a config; print the effective config with secrets redacted.
+    CheckConfig {
+        /// The config file (default: -c, else /etc/hark/hark.toml when it exists, else built-in).
+        file: Option<PathBuf>,
+    },
+    /// List ALSA capture devices and the rates and channel counts they accept.
+    Devices {
+        /// Probe only this PCM (e.g. plughw:CARD=Device,DEV=0).
+        #[arg(short = 'd', long = "device")]
+        device: Option<String>,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// Config file [default: /etc/hark/hark.toml when it exists, else built-in defaults].
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Set any config key, dotted, e.g. -s vad.silence_ms=600 (repeatable).
+    #[arg(short = 's', long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(short = 'q', long = "quiet", global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// WAV or raw s16le 16 kHz mono file, or - for stdin (overrides capture.source).
+    #[arg(short = 'i', long = "input", value_name = "PATH")]
+    pub input: Option<String>,
+    /// ALSA PCM name (overrides capture.device, selects capture.source = alsa).
+    #[arg(short = 'd', long = "device", value_name = "PCM")]
+    pub device: Option<String>,
+    /// Do not upload: keep the Ogg files in the spool and emit events.
+    #[arg(long = "record-only")]
+    pub record_only: bool,
+    /// Feed a file at real-time speed, as a microphone would.
+    #[arg(long = "pace")]
+    pub pace: bool,
+}
+
+impl GlobalArgs {
+    /// The config file to read: -c, else /etc/hark/hark.toml when it exists.
+    pub fn config_path(&self, explicit: Option<PathBuf>) -> Option<PathBuf> {
+        explicit.or_else(|| self.config.clone()).or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG);
+            default.exists().then_some(default)
+        })
+    }
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/hark/hark.toml";

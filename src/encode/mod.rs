@@ -1,0 +1,6 @@
+//! Encoding captured utterances to Ogg/Opus files.
+
+pub mod ogg;
+pub mod opus;
+
+pub use opus::{EncodeError, EncodeSettings, OggOpusWriter};

@@ -1,0 +1,239 @@
+//! The one event type hark emits, serialized once and fanned out to every sink.
+//!
+//! Every event is a JSON object on one line with `v`, `type`, `device`, `seq` and `time`, followed by
+//! the fields of its type (shared/DESIGN.md, "Events"). This module does not know where events go: it
+//! hands the same bytes to each sink's bounded queue and never waits for a sink.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::sink::SinkQueue;
+
+/// Why an utterance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// `vad.silence_ms` of unvoiced audio followed the speech.
+    Silence,
+    /// The utterance reached `vad.max_utterance_ms`; the speech goes on in a new utterance.
+    MaxLength,
+    /// The file or pipe ended.
+    EndOfInput,
+    /// hark was asked to stop (SIGTERM, SIGINT).
+    Shutdown,
+    /// The capture device vanished mid-utterance; what was captured is kept.
+    DeviceLost,
+}
+
+/// Why an utterance was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    TooShort,
+    TooQuiet,
+    SpoolFull,
+}
+
+/// The stage an `error` event comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Capture,
+    Upload,
+    Sink,
+    Config,
+    Spool,
+}
+
+/// The daemon's health as reported in `status` events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Online,
+    Offline,
+    Degraded,
+}
+
+/// The fields of each event type. Serialized flat into the event object after the common fields.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum EventKind {
+    SpeechStart {
+        utterance: String,
+        offset_ms: u64,
+    },
+    SpeechEnd {
+        utterance: String,
+        offset_ms: u64,
+        duration_ms: u64,
+        reason: EndReason,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        audio: Option<String>,
+    },
+    Dropped {
+        utterance: String,
+        offset_ms: u64,
+        reason: DropReason,
+        duration_ms: u64,
+    },
+    Error {
+        stage: Stage,
+        code: &'static str,
+        message: String,
+        retrying: bool,
+    },
+    Status {
+        state: State,
+        overruns: u64,
+        spool_pending: u64,
+        spool_bytes: u64,
+        uptime_s: u64,
+    },
+}
+
+impl EventKind {
+    /// The event's `type` field.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::SpeechStart { .. } => "speech_start",
+            EventKind::SpeechEnd { .. } => "speech_end",
+            EventKind::Dropped { .. } => "dropped",
+            EventKind::Error { .. } => "error",
+            EventKind::Status { .. } => "status",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    v: u8,
+    #[serde(rename = "type")]
+    kind_name: &'static str,
+    device: &'a str,
+    seq: u64,
+    time: String,
+    #[serde(flatten)]
+    kind: &'a EventKind,
+}
+
+/// One serialized event: the JSON line without its newline, shared by every sink.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub kind: &'static str,
+    pub json: Arc<str>,
+    /// For `transcript` events, the text alone (stdout's `text` format).
+    pub text: Option<Arc<str>>,
+}
+
+/// Hands events to the sinks. Cheap to clone; every stage holds one.
+#[derive(Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    device: String,
+    seq: AtomicU64,
+    /// Held while numbering and queueing, so that `seq` order is delivery order on every sink.
+    queues: Mutex<Vec<SinkQueue>>,
+}
+
+impl Events {
+    pub fn new(device: String, queues: Vec<SinkQueue>) -> Events {
+        Events {
+            inner: Arc::new(Inner {
+                device,
+                seq: AtomicU64::new(0),
+                queues: Mutex::new(queues),
+            }),
+        }
+    }
+
+    pub fn device(&self) -> &str {
+        &self.inner.device
+    }
+
+    /// Serialize `kind` once and offer it to every sink without blocking.
+    pub fn emit(&self, kind: EventKind) {
+        let mut queues = match self.inner.queues.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        let envelope = Envelope {
+            v: 1,
+            kind_name: kind.name(),
+            device: &self.inner.device,
+            seq,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            kind: &kind,
+        };
+        let json = match serde_json::to_string(&envelope) {
+            Ok(json) => json,
+            // Serializing plain structs of strings and numbers cannot fail; log rather than panic.
+            Err(e) => {
+                tracing::error!("cannot serialize a {} event: {e}", kind.name());
+                return;
+            }
+        };
+        let line = Line {
+            kind: kind.name(),
+            json: json.into(),
+            text: None,
+        };
+        for queue in queues.iter_mut() {
+            queue.offer(&line);
+        }
+    }
+
+    /// Close every sink queue; the sink threads drain what they hold and end.
+    pub fn close(&self) {
+        let mut queues = match self.inner.queues.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        queues.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_fields_come_first_and_type_specific_fields_follow() {
+        let (queue, rx) = SinkQueue::pair("test", 4);
+        let events = Events::new("kiosk-1".into(), vec![queue]);
+        events.emit(EventKind::SpeechStart {
+            utterance: "u1".into(),
+            offset_ms: 1200,
+        });
+        events.emit(EventKind::SpeechEnd {
+            utterance: "u1".into(),
+            offset_ms: 1200,
+            duration_ms: 900,
+            reason: EndReason::MaxLength,
+            audio: None,
+        });
+        let first = rx.recv().unwrap();
+        assert!(
+            first
+                .json
+                .starts_with(r#"{"v":1,"type":"speech_start","device":"kiosk-1","seq":0,"time":""#),
+            "{}",
+            first.json
+        );
+        assert!(
+            first
+                .json
+                .ends_with(r#""utterance":"u1","offset_ms":1200}"#)
+        );
+        let second: serde_json::Value = serde_json::from_str(&rx.recv().unwrap().json).unwrap();
+        assert_eq!(second["seq"], 1);
+        assert_eq!(second["reason"], "max_length");
+        assert!(second.get("audio").is_none());
+    }
+}

@@ -1,0 +1,24 @@
+//! hark: a voice-capture daemon. Microphone (ALSA), file or stdin → lock-free ring → WebRTC VAD and
+//! segmenter → streaming Ogg/Opus utterances in a durable spool → JSON events on the sinks.
+//!
+//! See shared/DESIGN.md for the architecture. The binary's `main` is thin: parsing in [`cli`],
+//! work in [`daemon`], exit decisions in `main` alone.
+//!
+//! ```no_run
+//! use hark::{cli::RunArgs, config::Config, daemon};
+//! let config = Config::load(None, &["capture.source=\"file\"".into(), "capture.file=\"in.wav\"".into()])?;
+//! let summary = daemon::run(&config, &RunArgs::default())?;
+//! println!("{} utterances", summary.utterances);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod capture;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod encode;
+pub mod event;
+pub mod pipeline;
+pub mod sink;
+pub mod spool;
+pub mod vad;

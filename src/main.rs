@@ -1,0 +1,61 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use hark::cli::{Cli, Command};
+use hark::config::Config;
+use hark::daemon::{self, DaemonError};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.global.verbose, cli.global.quiet);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hark: {e:#}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), DaemonError> {
+    let global = cli.global;
+    match cli.command {
+        Some(Command::CheckConfig { file }) => {
+            let path = global.config_path(file);
+            let config = Config::load(path.as_deref(), &global.set)?;
+            print!("{}", config.to_redacted_toml());
+            Ok(())
+        }
+        Some(Command::Devices { device }) => {
+            print!("{}", daemon::devices(device.as_deref())?);
+            Ok(())
+        }
+        command => {
+            let args = match command {
+                Some(Command::Run(args)) => args,
+                _ => cli.run,
+            };
+            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
+            let config = daemon::apply_run_args(config, &args)?;
+            daemon::run(&config, &args).map(|_| ())
+        }
+    }
+}
+
+/// Logs go to stderr; RUST_LOG wins over -v/-q.
+fn init_logging(verbose: u8, quiet: u8) {
+    let level = match (verbose, quiet) {
+        (0, 0) => "info",
+        (1, _) => "debug",
+        (v, _) if v >= 2 => "trace",
+        (_, 1) => "warn",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("hark={level},{level}")));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}

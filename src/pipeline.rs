@@ -1,0 +1,457 @@
+//! The pipeline: capture thread → ring → dsp thread (VAD, segmenter, streaming Opus) → spool.
+//!
+//! [`Pipeline::start`] spawns both threads; [`Pipeline::stop`] stops capture, after which the dsp
+//! thread drains the ring, closes the open utterance (reason `shutdown`) and writes it. At end of
+//! input the same happens with reason `end_of_input`. Dropping a `Pipeline` stops and joins it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, SystemTime};
+
+use crate::capture::{self, CaptureHandle, Chunk, RingReader, SAMPLE_RATE, Shared, Source};
+use crate::encode::{EncodeSettings, OggOpusWriter};
+use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
+use crate::spool::{Part, Spool, UtteranceMeta};
+use crate::vad::segmenter::{Closed, Segmenter, Settings};
+use crate::vad::{self, Vad};
+
+/// What the dsp thread needs to know.
+#[derive(Debug, Clone)]
+pub struct DspConfig {
+    pub segmenter: Settings,
+    pub vad_mode: u8,
+    pub encode: EncodeSettings,
+    /// Source description for the utterance metadata.
+    pub source: String,
+}
+
+/// Counts of what the dsp thread did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub utterances: u64,
+    pub dropped: u64,
+    pub samples: u64,
+}
+
+/// The running capture and dsp threads.
+pub struct Pipeline {
+    capture: Option<CaptureHandle>,
+    dsp: Option<JoinHandle<Summary>>,
+    shared: Arc<Shared>,
+}
+
+impl Pipeline {
+    /// Start capture and dsp. `opened` says whether `source` is already open. `done` receives one
+    /// message when the dsp thread has finished (end of input, or after `stop`).
+    pub fn start<T: Send + 'static>(
+        source: Box<dyn Source>,
+        opened: bool,
+        ring_samples: usize,
+        config: DspConfig,
+        spool: Arc<Spool>,
+        events: Events,
+        done: (Sender<T>, T),
+    ) -> std::io::Result<Pipeline> {
+        let shared = Arc::new(Shared::default());
+        let (writer, reader) = capture::ring(ring_samples, shared.clone());
+        let dsp_events = events.clone();
+        let dsp = thread::Builder::new()
+            .name("hark-dsp".into())
+            .spawn(move || {
+                let summary = Dsp::new(config, spool, dsp_events).run(reader);
+                let (tx, msg) = done;
+                let _ = tx.send(msg);
+                summary
+            })?;
+        // Registered before capture starts, so the first push can wake the dsp thread.
+        let _ = shared.consumer.set(dsp.thread().clone());
+        let capture = capture::spawn(source, writer, events, opened)?;
+        Ok(Pipeline {
+            capture: Some(capture),
+            dsp: Some(dsp),
+            shared,
+        })
+    }
+
+    /// Stop capture; the dsp thread then drains the ring and closes the open utterance.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(c) = &self.capture {
+            c.stop();
+        }
+        if let Some(d) = &self.dsp {
+            d.thread().unpark();
+        }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Wait for both threads; returns what the dsp thread did.
+    pub fn join(mut self) -> Summary {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Summary {
+        let summary = match self.dsp.take() {
+            Some(dsp) => dsp.join().unwrap_or_default(),
+            None => Summary::default(),
+        };
+        // Dropping the handle stops and joins the capture thread.
+        self.capture.take();
+        summary
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if self.dsp.is_some() {
+            self.stop();
+            self.finish();
+        }
+    }
+}
+
+/// Recent frames, for an utterance's pre-roll.
+struct History {
+    buf: Vec<i16>,
+    /// Stream position just past the newest sample.
+    end: u64,
+}
+
+impl History {
+    fn new(samples: usize) -> History {
+        History {
+            buf: vec![0; samples.max(1)],
+            end: 0,
+        }
+    }
+
+    fn push(&mut self, frame: &[i16]) {
+        let cap = self.buf.len();
+        for (i, &s) in frame.iter().enumerate() {
+            self.buf[((self.end + i as u64) % cap as u64) as usize] = s;
+        }
+        self.end += frame.len() as u64;
+    }
+
+    /// Hand the samples of `[from, self.end)` to `f` in at most two slices.
+    fn range(&self, from: u64, mut f: impl FnMut(&[i16])) {
+        let cap = self.buf.len() as u64;
+        let from = from.max(self.end.saturating_sub(cap));
+        if from >= self.end {
+            return;
+        }
+        let a = (from % cap) as usize;
+        let b = (self.end % cap) as usize;
+        if a < b {
+            f(&self.buf[a..b]);
+        } else {
+            f(&self.buf[a..]);
+            f(&self.buf[..b]);
+        }
+    }
+}
+
+struct Utterance {
+    id: String,
+    start: u64,
+    start_time: SystemTime,
+    /// None when the spool could not create the file (reported); the utterance's events go on.
+    writer: Option<OggOpusWriter<Part>>,
+}
+
+/// The dsp thread's state.
+struct Dsp {
+    config: DspConfig,
+    spool: Arc<Spool>,
+    events: Events,
+    segmenter: Segmenter,
+    history: History,
+    open: Option<Utterance>,
+    summary: Summary,
+    vendor: String,
+}
+
+impl Dsp {
+    fn new(config: DspConfig, spool: Arc<Spool>, events: Events) -> Dsp {
+        let s = config.segmenter;
+        Dsp {
+            segmenter: Segmenter::new(s),
+            history: History::new((s.history_frames() * s.frame) as usize),
+            config,
+            spool,
+            events,
+            open: None,
+            summary: Summary::default(),
+            vendor: format!(
+                "hark {} (libopus {})",
+                env!("CARGO_PKG_VERSION"),
+                opus::version()
+            ),
+        }
+    }
+
+    fn run(mut self, mut reader: RingReader) -> Summary {
+        let mut vad = Vad::new(self.config.vad_mode);
+        let frame_len = self.config.segmenter.frame as usize;
+        let mut frame = vec![0i16; frame_len];
+        let mut filled = 0;
+        let mut pos: u64 = 0;
+        let shared = reader_shared(&reader);
+        let reason = loop {
+            match reader.read(&mut frame[filled..]) {
+                Chunk::Samples(n) => filled += n,
+                Chunk::Gap(gap) if gap.len == 0 => {
+                    // The device was lost: what was captured so far is an utterance of its own.
+                    self.tail(&frame[..filled], pos);
+                    pos += filled as u64;
+                    filled = 0;
+                    self.close_at(pos, EndReason::DeviceLost);
+                }
+                Chunk::Gap(gap) => {
+                    // Lost samples are replayed as digital silence, keeping the timeline exact.
+                    let mut left = gap.len;
+                    while left > 0 {
+                        let n = (frame_len - filled).min(left as usize);
+                        frame[filled..filled + n].fill(0);
+                        filled += n;
+                        left -= n as u64;
+                        if filled == frame_len {
+                            self.frame(&mut vad, &frame, pos);
+                            pos += frame_len as u64;
+                            filled = 0;
+                        }
+                    }
+                }
+                Chunk::Empty => {
+                    if reader.is_drained() {
+                        break if shared.stop.load(Ordering::Acquire) {
+                            EndReason::Shutdown
+                        } else {
+                            EndReason::EndOfInput
+                        };
+                    }
+                    if shared.stop.load(Ordering::Acquire) && reader.is_empty() {
+                        break EndReason::Shutdown;
+                    }
+                    reader.wait(Duration::from_millis(100));
+                }
+            }
+            if filled == frame_len {
+                self.frame(&mut vad, &frame, pos);
+                pos += frame_len as u64;
+                filled = 0;
+            }
+        };
+        self.tail(&frame[..filled], pos);
+        pos += filled as u64;
+        self.close_at(pos, reason);
+        self.summary.samples = pos;
+        self.summary
+    }
+
+    /// One whole frame at stream position `pos`.
+    fn frame(&mut self, vad: &mut Vad, frame: &[i16], pos: u64) {
+        let voiced = vad.is_voice(frame);
+        let step = self.segmenter.frame(pos, voiced, vad::energy(frame));
+        self.history.push(frame);
+        if step.append {
+            self.write(frame);
+        }
+        if let Some(closed) = step.close {
+            self.close(closed);
+        }
+        if let Some(start) = step.open {
+            self.begin(start);
+        }
+    }
+
+    /// A partial last frame: kept in an open utterance, not judged by the VAD.
+    fn tail(&mut self, samples: &[i16], _pos: u64) {
+        if !samples.is_empty() && self.segmenter.in_speech() {
+            self.history.push(samples);
+            self.write(samples);
+        }
+    }
+
+    fn close_at(&mut self, end: u64, reason: EndReason) {
+        if let Some(closed) = self.segmenter.finish(end, reason) {
+            self.close(closed);
+        }
+    }
+
+    fn write(&mut self, samples: &[i16]) {
+        let Some(utt) = &mut self.open else { return };
+        let Some(writer) = &mut utt.writer else {
+            return;
+        };
+        if let Err(e) = writer.write(samples) {
+            let id = utt.id.clone();
+            utt.writer = None;
+            self.spool_error(&id, &e);
+        }
+    }
+
+    fn begin(&mut self, start: u64) {
+        let back = self.history.end.saturating_sub(start);
+        let start_time = SystemTime::now()
+            .checked_sub(Duration::from_micros(
+                back * 1_000_000 / u64::from(SAMPLE_RATE),
+            ))
+            .unwrap_or_else(SystemTime::now);
+        let id = self.spool.new_id(start_time);
+        let writer = match self.spool.begin(&id) {
+            Ok(part) => {
+                let time = humantime::format_rfc3339_millis(start_time).to_string();
+                let comments = [
+                    ("DEVICE", self.events.device()),
+                    ("UTTERANCE", id.as_str()),
+                    ("START_TIME", time.as_str()),
+                ];
+                match OggOpusWriter::new(
+                    part,
+                    &self.config.encode,
+                    &self.vendor,
+                    &comments,
+                    serial_of(&id),
+                ) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        self.spool_error(&id, &e);
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                self.spool_error(&id, &e);
+                None
+            }
+        };
+        self.events.emit(EventKind::SpeechStart {
+            utterance: id.clone(),
+            offset_ms: start / 16,
+        });
+        self.open = Some(Utterance {
+            id,
+            start,
+            start_time,
+            writer,
+        });
+        // The pre-roll and the opening run, up to the current frame's end.
+        let mut pending = Vec::new();
+        self.history.range(start, |s| pending.extend_from_slice(s));
+        self.write(&pending);
+    }
+
+    fn close(&mut self, closed: Closed) {
+        let Some(utt) = self.open.take() else { return };
+        let duration_ms = (closed.end - closed.start) / 16;
+        let offset_ms = closed.start / 16;
+        debug_assert_eq!(utt.start, closed.start);
+        let finished = utt.writer.map(|w| w.finish());
+        if let Some(reason) = closed.drop {
+            if let Some(Ok((part, _))) = finished {
+                self.spool.discard(part);
+            }
+            self.summary.dropped += 1;
+            self.events.emit(EventKind::Dropped {
+                utterance: utt.id,
+                offset_ms,
+                reason,
+                duration_ms,
+            });
+            return;
+        }
+        let audio = match finished {
+            Some(Ok((part, samples))) => {
+                debug_assert_eq!(samples, closed.end - closed.start);
+                let meta = UtteranceMeta {
+                    v: 1,
+                    utterance: utt.id.clone(),
+                    device: self.events.device().to_owned(),
+                    offset_ms,
+                    duration_ms,
+                    samples,
+                    sample_rate: SAMPLE_RATE,
+                    start_time: humantime::format_rfc3339_millis(utt.start_time).to_string(),
+                    reason: closed.reason,
+                    speech_ms: closed.speech / 16,
+                    level_dbfs: closed.level_dbfs.max(-200.0),
+                    source: self.config.source.clone(),
+                    audio: format!("{}.ogg", utt.id),
+                };
+                match self.spool.commit(part, &meta) {
+                    Ok(entry) => Some(entry.audio.display().to_string()),
+                    Err(e) => {
+                        self.spool_error(&utt.id, &e);
+                        None
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                self.spool_error(&utt.id, &e);
+                None
+            }
+            None => None,
+        };
+        self.summary.utterances += 1;
+        self.events.emit(EventKind::SpeechEnd {
+            utterance: utt.id,
+            offset_ms,
+            duration_ms,
+            reason: closed.reason,
+            audio,
+        });
+        for meta in self.spool.enforce_cap() {
+            self.events.emit(EventKind::Dropped {
+                utterance: meta.utterance,
+                offset_ms: meta.offset_ms,
+                reason: DropReason::SpoolFull,
+                duration_ms: meta.duration_ms,
+            });
+        }
+    }
+
+    fn spool_error(&self, id: &str, e: &dyn std::error::Error) {
+        tracing::error!("utterance {id}: {e}");
+        self.events.emit(EventKind::Error {
+            stage: Stage::Spool,
+            code: "spool_write",
+            message: format!("utterance {id}: {e}"),
+            retrying: false,
+        });
+    }
+}
+
+fn reader_shared(reader: &RingReader) -> Arc<Shared> {
+    reader.shared().clone()
+}
+
+/// An Ogg stream serial number derived from the utterance id.
+fn serial_of(id: &str) -> u32 {
+    id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_returns_the_requested_range_across_the_wrap() {
+        let mut h = History::new(8);
+        h.push(&[1, 2, 3, 4, 5]);
+        h.push(&[6, 7, 8, 9, 10]);
+        let mut got = Vec::new();
+        h.range(4, |s| got.extend_from_slice(s));
+        assert_eq!(got, [5, 6, 7, 8, 9, 10]);
+        got.clear();
+        h.range(0, |s| got.extend_from_slice(s));
+        assert_eq!(got, [3, 4, 5, 6, 7, 8, 9, 10], "clamped to what is kept");
+    }
+}

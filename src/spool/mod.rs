@@ -1,0 +1,382 @@
+//! The spool: a directory of finished utterances, `<id>.ogg` beside `<id>.json`, and the queue that
+//! the uploader works through, oldest first.
+//!
+//! An utterance is written to a hidden `.<id>.ogg.part` while it is spoken, then fsynced and renamed;
+//! its `.json` is written the same way, and the directory is fsynced. A `.json` therefore always
+//! stands beside a complete `.ogg`, and an entry without one is not an utterance yet. Ids sort by
+//! time and are unique across restarts. Part files left by a crash are moved to `partial/` (kept,
+//! never uploaded) when the spool is opened. Deliberately not here: uploading, events.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::EndReason;
+
+/// Errors of the spool. All of them mean the disk refused a write: not retried per utterance.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("spool file {path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+}
+
+/// What `<id>.json` says about an utterance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UtteranceMeta {
+    pub v: u8,
+    pub utterance: String,
+    pub device: String,
+    /// Start in the stream's timeline.
+    pub offset_ms: u64,
+    pub duration_ms: u64,
+    /// Samples at `sample_rate`: exactly what the Ogg file decodes to.
+    pub samples: u64,
+    pub sample_rate: u32,
+    /// Wall-clock time of the first sample, RFC 3339 UTC.
+    pub start_time: String,
+    pub reason: EndReason,
+    /// From the first voiced frame to the end of the last one.
+    pub speech_ms: u64,
+    /// RMS level of the voiced frames.
+    pub level_dbfs: f64,
+    /// Where the audio came from, e.g. `alsa:default` or `file:recording.wav`.
+    pub source: String,
+    /// The Ogg file's name in the spool directory.
+    pub audio: String,
+}
+
+/// A finished utterance waiting in the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    pub audio: PathBuf,
+    pub meta: PathBuf,
+    /// Both files together.
+    pub bytes: u64,
+}
+
+/// An utterance's audio being written.
+pub struct Part {
+    pub id: String,
+    path: PathBuf,
+    file: BufWriter<File>,
+}
+
+impl Write for Part {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    seq: AtomicU32,
+    salt: u32,
+}
+
+const PART: &str = ".part";
+
+impl Spool {
+    /// Open (and create) the spool directory; move part files left by a crash to `partial/`.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        let dir_err = |source| SpoolError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(dir_err)?;
+        for entry in fs::read_dir(dir).map_err(dir_err)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(PART) {
+                let partial = dir.join("partial");
+                fs::create_dir_all(&partial).map_err(dir_err)?;
+                let kept = partial.join(name.trim_start_matches('.').trim_end_matches(PART));
+                tracing::warn!(
+                    "spool: {} was being written when hark stopped; kept as {}",
+                    entry.path().display(),
+                    kept.display()
+                );
+                fs::rename(entry.path(), kept).map_err(dir_err)?;
+            }
+        }
+        Ok(Spool {
+            dir: dir.to_owned(),
+            max_bytes,
+            seq: AtomicU32::new(0),
+            salt: random_u32(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new utterance id: the UTC time to the millisecond, then a per-process counter and a
+    /// random salt, e.g. `20261122T013455123Z-0001a3f9`. Sorts by time; unique across restarts.
+    pub fn new_id(&self, at: SystemTime) -> String {
+        let stamp: String = humantime::format_rfc3339_millis(at)
+            .to_string()
+            .chars()
+            .filter(|c| !matches!(c, '-' | ':' | '.'))
+            .collect();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) & 0xffff;
+        format!("{stamp}-{seq:04x}{:04x}", self.salt & 0xffff)
+    }
+
+    /// Start writing an utterance's audio.
+    pub fn begin(&self, id: &str) -> Result<Part, SpoolError> {
+        let path = self.dir.join(format!(".{id}.ogg{PART}"));
+        let file = File::create(&path).map_err(|source| SpoolError::File {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Part {
+            id: id.to_owned(),
+            path,
+            file: BufWriter::with_capacity(16 * 1024, file),
+        })
+    }
+
+    /// Make a finished utterance durable: fsync and rename its audio, write its metadata the same
+    /// way, fsync the directory. Returns the entry.
+    pub fn commit(&self, part: Part, meta: &UtteranceMeta) -> Result<Entry, SpoolError> {
+        let audio = self.dir.join(format!("{}.ogg", part.id));
+        let file_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| SpoolError::File { path, source }
+        };
+        let file = part.file.into_inner().map_err(|e| SpoolError::File {
+            path: part.path.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(file_err(&part.path))?;
+        fs::rename(&part.path, &audio).map_err(file_err(&audio))?;
+
+        let meta_path = self.dir.join(format!("{}.json", part.id));
+        let tmp = self.dir.join(format!(".{}.json{PART}", part.id));
+        let mut json = serde_json::to_vec_pretty(meta).map_err(|e| SpoolError::File {
+            path: meta_path.clone(),
+            source: e.into(),
+        })?;
+        json.push(b'\n');
+        let mut f = File::create(&tmp).map_err(file_err(&tmp))?;
+        f.write_all(&json).map_err(file_err(&tmp))?;
+        f.sync_all().map_err(file_err(&tmp))?;
+        fs::rename(&tmp, &meta_path).map_err(file_err(&meta_path))?;
+        self.sync_dir()?;
+        let bytes = file_len(&audio) + json.len() as u64;
+        Ok(Entry {
+            id: part.id,
+            audio,
+            meta: meta_path,
+            bytes,
+        })
+    }
+
+    /// Throw away an utterance being written (it was dropped).
+    pub fn discard(&self, part: Part) {
+        let Part { path, file, .. } = part;
+        drop(file);
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!("spool: cannot remove {}: {e}", path.display());
+        }
+    }
+
+    /// Every finished utterance, oldest first.
+    pub fn entries(&self) -> Result<Vec<Entry>, SpoolError> {
+        let mut out = Vec::new();
+        let dir = fs::read_dir(&self.dir).map_err(|source| SpoolError::Dir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if id.starts_with('.') {
+                continue;
+            }
+            let audio = self.dir.join(format!("{id}.ogg"));
+            let meta = entry.path();
+            out.push(Entry {
+                id: id.to_owned(),
+                bytes: file_len(&audio) + file_len(&meta),
+                audio,
+                meta,
+            });
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Utterances waiting and their bytes.
+    pub fn usage(&self) -> (u64, u64) {
+        match self.entries() {
+            Ok(entries) => (entries.len() as u64, entries.iter().map(|e| e.bytes).sum()),
+            Err(_) => (0, 0),
+        }
+    }
+
+    /// Delete the oldest utterances until the spool fits `max_bytes`; returns what was deleted.
+    pub fn enforce_cap(&self) -> Vec<UtteranceMeta> {
+        let Ok(entries) = self.entries() else {
+            return Vec::new();
+        };
+        let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
+        let mut dropped = Vec::new();
+        for entry in entries {
+            if total <= self.max_bytes {
+                break;
+            }
+            let meta = read_meta(&entry.meta).ok();
+            // Metadata first: without it the audio is no longer an utterance.
+            if fs::remove_file(&entry.meta).is_ok() {
+                let _ = fs::remove_file(&entry.audio);
+                total = total.saturating_sub(entry.bytes);
+                tracing::warn!(
+                    "spool over {} bytes: dropped the oldest utterance {}",
+                    self.max_bytes,
+                    entry.id
+                );
+                if let Some(meta) = meta {
+                    dropped.push(meta);
+                }
+            }
+        }
+        dropped
+    }
+
+    fn sync_dir(&self) -> Result<(), SpoolError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| SpoolError::Dir {
+                path: self.dir.clone(),
+                source,
+            })
+    }
+}
+
+/// Read an utterance's metadata.
+pub fn read_meta(path: &Path) -> Result<UtteranceMeta, SpoolError> {
+    let file_err = |source| SpoolError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let bytes = fs::read(path).map_err(file_err)?;
+    serde_json::from_slice(&bytes).map_err(|e| file_err(e.into()))
+}
+
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// A random 32-bit value from the standard library's per-process hash seed.
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: &str) -> UtteranceMeta {
+        UtteranceMeta {
+            v: 1,
+            utterance: id.into(),
+            device: "test".into(),
+            offset_ms: 0,
+            duration_ms: 1000,
+            samples: 16_000,
+            sample_rate: 16_000,
+            start_time: "2026-11-22T00:00:00.000Z".into(),
+            reason: EndReason::Silence,
+            speech_ms: 800,
+            level_dbfs: -20.0,
+            source: "file:x".into(),
+            audio: format!("{id}.ogg"),
+        }
+    }
+
+    #[test]
+    fn ids_sort_by_time_and_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let a = spool.new_id(t);
+        let b = spool.new_id(t);
+        let c = spool.new_id(t + std::time::Duration::from_millis(1));
+        assert!(a.starts_with("20231114T221320123Z-"), "{a}");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        let other = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_ne!(other.new_id(t), a, "another process gets another salt");
+    }
+
+    #[test]
+    fn commit_is_atomic_and_entries_are_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        for id in ["b", "a"] {
+            let mut part = spool.begin(id).unwrap();
+            part.write_all(b"OggS fake").unwrap();
+            // Not visible as an utterance before commit.
+            assert!(spool.entries().unwrap().iter().all(|e| e.id != id));
+            spool.commit(part, &meta(id)).unwrap();
+        }
+        let entries = spool.entries().unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(read_meta(&entries[0].meta).unwrap(), meta("a"));
+        assert_eq!(fs::read(&entries[0].audio).unwrap(), b"OggS fake");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 4, "no part files left: {names:?}");
+    }
+
+    #[test]
+    fn crash_leftovers_are_kept_apart_and_cap_drops_oldest() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(".x.ogg.part"), b"half").unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(fs::read(dir.path().join("partial/x.ogg")).unwrap(), b"half");
+        for id in ["1", "2", "3"] {
+            let mut part = spool.begin(id).unwrap();
+            part.write_all(&[0u8; 1000]).unwrap();
+            spool.commit(part, &meta(id)).unwrap();
+        }
+        let (n, bytes) = spool.usage();
+        assert_eq!(n, 3);
+        let capped = Spool {
+            max_bytes: bytes - 1,
+            ..Spool::open(dir.path(), 0).unwrap()
+        };
+        let dropped = capped.enforce_cap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].utterance, "1");
+        assert_eq!(capped.usage().0, 2);
+    }
+}
