@@ -483,8 +483,10 @@ impl Config {
         let c = &self.capture;
         p.range("sample_rate", c.sample_rate, 8000, 192_000);
         p.range("channels", c.channels, 1, 32);
+        // For files the file's own channel count applies (checked when it is opened).
         if let ChannelSel::Index(i) = c.channel
             && i >= c.channels
+            && c.source == Source::Alsa
         {
             let msg = format!(r#"must be < channels ({}) or "mix", got {i}"#, c.channels);
             p.fail("channel", msg);

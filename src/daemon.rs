@@ -3,7 +3,6 @@
 //!
 //! Nothing here prints to stdout or exits: results and errors go back to `main`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -16,6 +15,7 @@ use crate::capture::file::FileSource;
 use crate::capture::{CaptureError, SAMPLE_RATE, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, OutputFormat, Source as SourceKind};
+
 use crate::encode::EncodeSettings;
 use crate::event::{EventKind, Events, Stage, State};
 use crate::pipeline::{DspConfig, Pipeline, Summary};
@@ -57,22 +57,23 @@ impl DaemonError {
     }
 }
 
-/// Apply the run flags (-i, -d) to the config, then validate it.
-pub fn apply_run_args(mut config: Config, args: &RunArgs) -> Result<Config, ConfigError> {
+/// The run flags (-i, -d) as config overrides, applied after every `-s` so that they win.
+pub fn run_overrides(args: &RunArgs) -> Vec<String> {
+    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let mut out = Vec::new();
     if let Some(input) = &args.input {
         if input == "-" {
-            config.capture.source = SourceKind::Stdin;
+            out.push("capture.source=\"stdin\"".to_owned());
         } else {
-            config.capture.source = SourceKind::File;
-            config.capture.file = PathBuf::from(input);
+            out.push("capture.source=\"file\"".to_owned());
+            out.push(format!("capture.file={}", quote(input)));
         }
     }
     if let Some(device) = &args.device {
-        config.capture.source = SourceKind::Alsa;
-        config.capture.device = device.clone();
+        out.push("capture.source=\"alsa\"".to_owned());
+        out.push(format!("capture.device={}", quote(device)));
     }
-    config.check()?;
-    Ok(config)
+    out
 }
 
 enum Control {

@@ -35,8 +35,9 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
                 Some(Command::Run(args)) => args,
                 _ => cli.run,
             };
-            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
-            let config = daemon::apply_run_args(config, &args)?;
+            let mut overrides = global.set.clone();
+            overrides.extend(daemon::run_overrides(&args));
+            let config = Config::load(global.config_path(None).as_deref(), &overrides)?;
             daemon::run(&config, &args).map(|_| ())
         }
     }

@@ -82,6 +82,15 @@ impl FileSource {
                     source: hound::Error::FormatError("zero channels or sample rate"),
                 });
             }
+            if let ChannelSel::Index(c) = channel
+                && c >= u32::from(spec.channels)
+            {
+                return Err(CaptureError::Channel {
+                    path: shown,
+                    channel: c,
+                    channels: spec.channels,
+                });
+            }
             let reader = Reader::Wav {
                 wav,
                 float: spec.sample_format == hound::SampleFormat::Float,

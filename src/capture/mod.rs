@@ -39,6 +39,15 @@ pub enum CaptureError {
     /// The file looks like WAV but its header is broken or unsupported. Final.
     #[error("{path}: not a usable WAV file: {source}")]
     Wav { path: String, source: hound::Error },
+    /// `capture.channel` names a channel the file does not have. Final.
+    #[error(
+        "{path} has {channels} channel(s); capture.channel = {channel} does not exist (channels count from 0)"
+    )]
+    Channel {
+        path: String,
+        channel: u32,
+        channels: u16,
+    },
     /// The ALSA device cannot be opened or configured. Retried with backoff by the daemon.
     #[error("ALSA device {device}: {what}: {source}")]
     Alsa {
@@ -68,6 +77,7 @@ impl CaptureError {
         match self {
             CaptureError::Input { .. } => "input_unreadable",
             CaptureError::Wav { .. } => "bad_wav",
+            CaptureError::Channel { .. } => "bad_channel",
             CaptureError::Alsa { .. } | CaptureError::Unsupported { .. } => "device_unavailable",
             CaptureError::Resample { .. } => "resample",
         }

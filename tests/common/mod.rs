@@ -27,7 +27,10 @@ pub fn require(tool: &str, package: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{tool} is missing: apt-get install {package} (or run the README's test command)");
+    assert!(
+        found,
+        "{tool} is missing: apt-get install {package} (or run the README's test command)"
+    );
 }
 
 /// Speech for `text` from espeak-ng, at 16 kHz mono, trimmed to its voiced part (first to last
@@ -47,7 +50,9 @@ pub fn speech(text: &str, dir: &Path) -> Vec<i16> {
     assert!(ok, "espeak-ng failed");
     let ok = Command::new("sox")
         .arg(&wav)
-        .args(["-D", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed", "-t", "raw"])
+        .args([
+            "-D", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed", "-t", "raw",
+        ])
         .arg(&raw)
         .status()
         .expect("sox runs")
@@ -55,14 +60,21 @@ pub fn speech(text: &str, dir: &Path) -> Vec<i16> {
     assert!(ok, "sox failed");
     let samples = read_raw(&raw);
     let loud = |s: &i16| s.unsigned_abs() > 328;
-    let first = samples.iter().position(loud).expect("espeak produced sound");
-    let last = samples.iter().rposition(loud).expect("espeak produced sound");
+    let first = samples
+        .iter()
+        .position(loud)
+        .expect("espeak produced sound");
+    let last = samples
+        .iter()
+        .rposition(loud)
+        .expect("espeak produced sound");
     samples[first..=last].to_vec()
 }
 
 fn hash(text: &str) -> u64 {
-    text.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 pub fn read_raw(path: &Path) -> Vec<i16> {
@@ -98,7 +110,9 @@ pub fn noise(len: usize, rms: f64, seed: u64) -> Vec<i16> {
     let amp = rms * 3f64.sqrt();
     (0..len)
         .map(|_| {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             let u = (x >> 11) as f64 / (1u64 << 53) as f64;
             ((u * 2.0 - 1.0) * amp) as i16
         })
@@ -234,7 +248,8 @@ impl Running {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
                 if tx.send(v).is_err() {
                     break;
                 }
@@ -255,7 +270,12 @@ impl Running {
     }
 
     /// Wait for the next event matching `pred`, collecting everything seen into `seen`.
-    pub fn wait_for(&self, seen: &mut Vec<Value>, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_for(
+        &self,
+        seen: &mut Vec<Value>,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = std::time::Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -309,9 +329,17 @@ impl Drop for Running {
 /// Decode an Ogg/Opus file with opusdec at 16 kHz and return its sample count; checks opusinfo.
 pub fn check_ogg(path: &Path, dir: &Path) -> usize {
     require("opusinfo", "opus-tools");
-    let info = Command::new("opusinfo").arg(path).output().expect("opusinfo runs");
-    let text = String::from_utf8_lossy(&info.stdout).to_string() + &String::from_utf8_lossy(&info.stderr);
-    assert!(info.status.success(), "opusinfo failed on {}: {text}", path.display());
+    let info = Command::new("opusinfo")
+        .arg(path)
+        .output()
+        .expect("opusinfo runs");
+    let text =
+        String::from_utf8_lossy(&info.stdout).to_string() + &String::from_utf8_lossy(&info.stderr);
+    assert!(
+        info.status.success(),
+        "opusinfo failed on {}: {text}",
+        path.display()
+    );
     assert!(
         !text.contains("WARNING") && !text.contains("ERROR"),
         "opusinfo complains about {}: {text}",
@@ -324,12 +352,21 @@ pub fn check_ogg(path: &Path, dir: &Path) -> usize {
         .arg(&wav)
         .output()
         .expect("opusdec runs");
-    assert!(out.status.success(), "opusdec failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "opusdec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reader = hound::WavReader::open(&wav).expect("decoded wav");
     reader.duration() as usize
 }
 
 pub fn write_stdin(child: &mut Child, samples: &[i16]) {
     let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-    child.stdin.as_mut().expect("stdin").write_all(&bytes).expect("write stdin");
+    child
+        .stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(&bytes)
+        .expect("write stdin");
 }

@@ -1,0 +1,10 @@
+# Convenience targets; the scripts are what the README and CI call.
+.PHONY: demo test bench release
+demo:
+	scripts/demo.sh
+test:
+	scripts/test.sh
+bench:
+	bash benches/measure.sh
+release:
+	scripts/deps.sh build && cargo build --release
