@@ -26,6 +26,9 @@ pub enum EndReason {
     Shutdown,
     /// The capture device vanished mid-utterance; what was captured is kept.
     DeviceLost,
+    /// Capture lost at least `vad.silence_ms` of audio (the ring overflowed); what came before is
+    /// kept as an utterance of its own.
+    Overrun,
 }
 
 /// Why an utterance was not kept.

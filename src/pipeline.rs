@@ -120,6 +120,8 @@ struct History {
     buf: Vec<i16>,
     /// Stream position just past the newest sample.
     end: u64,
+    /// Nothing before this position is held (the start of the stream, or the end of a break).
+    valid_from: u64,
 }
 
 impl History {
@@ -127,6 +129,7 @@ impl History {
         History {
             buf: vec![0; samples.max(1)],
             end: 0,
+            valid_from: 0,
         }
     }
 
@@ -138,10 +141,16 @@ impl History {
         self.end += frame.len() as u64;
     }
 
+    /// The stream jumps `len` samples ahead: what is held is no longer anyone's pre-roll.
+    fn skip(&mut self, len: u64) {
+        self.end += len;
+        self.valid_from = self.end;
+    }
+
     /// Hand the samples of `[from, self.end)` to `f` in at most two slices.
     fn range(&self, from: u64, mut f: impl FnMut(&[i16])) {
         let cap = self.buf.len() as u64;
-        let from = from.max(self.end.saturating_sub(cap));
+        let from = from.max(self.end.saturating_sub(cap)).max(self.valid_from);
         if from >= self.end {
             return;
         }
@@ -201,19 +210,14 @@ impl Dsp {
         let mut frame = vec![0i16; frame_len];
         let mut filled = 0;
         let mut pos: u64 = 0;
-        let shared = reader_shared(&reader);
+        let shared = reader.shared().clone();
+        let short_gap = self.config.segmenter.silence_frames * self.config.segmenter.frame;
         let reason = loop {
             match reader.read(&mut frame[filled..]) {
                 Chunk::Samples(n) => filled += n,
-                Chunk::Gap(gap) if gap.len == 0 => {
-                    // The device was lost: what was captured so far is an utterance of its own.
-                    self.tail(&frame[..filled], pos);
-                    pos += filled as u64;
-                    filled = 0;
-                    self.close_at(pos, EndReason::DeviceLost);
-                }
-                Chunk::Gap(gap) => {
-                    // Lost samples are replayed as digital silence, keeping the timeline exact.
+                Chunk::Gap(gap) if gap.len > 0 && gap.len < short_gap => {
+                    // A short loss is replayed as digital silence: the utterance goes on and the
+                    // timeline stays exact.
                     let mut left = gap.len;
                     while left > 0 {
                         let n = (frame_len - filled).min(left as usize);
@@ -226,6 +230,23 @@ impl Dsp {
                             filled = 0;
                         }
                     }
+                }
+                Chunk::Gap(gap) => {
+                    // A lost device, or more lost audio than a pause: what was captured before it
+                    // is an utterance of its own, and the timeline jumps over the loss.
+                    self.tail(&frame[..filled]);
+                    pos += filled as u64;
+                    filled = 0;
+                    let reason = if gap.len == 0 {
+                        EndReason::DeviceLost
+                    } else {
+                        EndReason::Overrun
+                    };
+                    if let Some(closed) = self.segmenter.skip(pos, gap.len, reason) {
+                        self.close(closed);
+                    }
+                    self.history.skip(gap.len);
+                    pos += gap.len;
                 }
                 Chunk::Empty => {
                     if reader.is_drained() {
@@ -247,9 +268,11 @@ impl Dsp {
                 filled = 0;
             }
         };
-        self.tail(&frame[..filled], pos);
+        self.tail(&frame[..filled]);
         pos += filled as u64;
-        self.close_at(pos, reason);
+        if let Some(closed) = self.segmenter.finish(pos, reason) {
+            self.close(closed);
+        }
         self.summary.samples = pos;
         self.summary
     }
@@ -271,16 +294,10 @@ impl Dsp {
     }
 
     /// A partial last frame: kept in an open utterance, not judged by the VAD.
-    fn tail(&mut self, samples: &[i16], _pos: u64) {
-        if !samples.is_empty() && self.segmenter.in_speech() {
-            self.history.push(samples);
+    fn tail(&mut self, samples: &[i16]) {
+        self.history.push(samples);
+        if self.segmenter.in_speech() {
             self.write(samples);
-        }
-    }
-
-    fn close_at(&mut self, end: u64, reason: EndReason) {
-        if let Some(closed) = self.segmenter.finish(end, reason) {
-            self.close(closed);
         }
     }
 
@@ -427,10 +444,6 @@ impl Dsp {
     }
 }
 
-fn reader_shared(reader: &RingReader) -> Arc<Shared> {
-    reader.shared().clone()
-}
-
 /// An Ogg stream serial number derived from the utterance id.
 fn serial_of(id: &str) -> u32 {
     id.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -453,5 +466,10 @@ mod tests {
         got.clear();
         h.range(0, |s| got.extend_from_slice(s));
         assert_eq!(got, [3, 4, 5, 6, 7, 8, 9, 10], "clamped to what is kept");
+        h.skip(100);
+        h.push(&[11, 12]);
+        got.clear();
+        h.range(0, |s| got.extend_from_slice(s));
+        assert_eq!(got, [11, 12], "nothing from before a break");
     }
 }

@@ -232,7 +232,7 @@ impl RingWriter {
             self.shared.lost_samples.fetch_add(len, Ordering::Relaxed);
         }
         // A full gap ring means the consumer is far behind; the loss is still counted above, and
-        // the timeline shifts by the unmarked length. 64 pending gaps is already a broken system.
+        // the reader finds its length at the next recorded gap (see `RingReader::read`).
         let _ = self.gaps.try_push(gap);
         self.wake_consumer();
     }
@@ -261,6 +261,16 @@ impl RingReader {
                 self.gaps.try_pop();
                 self.pos += gap.len;
                 return Chunk::Gap(gap);
+            }
+            if self.samples.is_empty() {
+                // Samples before a gap are published before the gap is, so an empty ring short
+                // of the gap's position means losses the full gap ring could not record.
+                let lost = Gap {
+                    pos: self.pos,
+                    len: gap.pos - self.pos,
+                };
+                self.pos = gap.pos;
+                return Chunk::Gap(lost);
             }
             limit = limit.min((gap.pos - self.pos) as usize);
         }
@@ -634,6 +644,35 @@ mod tests {
         assert_eq!(r.position(), 11);
         assert_eq!(shared.overruns.load(Ordering::Relaxed), 1);
         assert_eq!(shared.lost_samples.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn losses_beyond_the_gap_ring_are_found_at_the_next_recorded_gap() {
+        let shared = Arc::new(Shared::default());
+        let (mut w, mut r) = ring(4, shared);
+        for _ in 0..GAP_CAPACITY + 10 {
+            w.mark_gap(3);
+        }
+        w.push(&[1, 2]);
+        let mut buf = [0i16; 8];
+        let mut lost = 0;
+        loop {
+            match r.read(&mut buf) {
+                Chunk::Gap(g) => lost += g.len,
+                Chunk::Samples(n) => {
+                    assert_eq!(&buf[..n], &[1, 2]);
+                    break;
+                }
+                Chunk::Empty => panic!("stuck before the samples"),
+            }
+        }
+        // Recorded gaps only: the 10 unrecorded ones surface at the next recorded gap.
+        assert_eq!(lost, GAP_CAPACITY as u64 * 3);
+        w.mark_gap(5);
+        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 194, len: 30 }));
+        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 224, len: 5 }));
+        assert_eq!(r.read(&mut buf), Chunk::Empty);
+        assert_eq!(r.position(), 229);
     }
 
     fn convert_all(rate: u32, channels: usize, sel: ChannelSel, input: &[i16]) -> Vec<i16> {

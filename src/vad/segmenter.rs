@@ -205,6 +205,14 @@ impl Segmenter {
         }
     }
 
+    /// The stream breaks at `at` and goes on `len` samples later (lost audio, or 0 for a lost
+    /// device): close the open utterance at `at`, and let no pre-roll reach back across the break.
+    pub fn skip(&mut self, at: u64, len: u64, reason: EndReason) -> Option<Closed> {
+        let closed = self.finish(at, reason);
+        self.last_end = at + len;
+        closed
+    }
+
     /// Close the open utterance, if any, at `end` (end of input, shutdown, device lost).
     pub fn finish(&mut self, end: u64, reason: EndReason) -> Option<Closed> {
         match self.phase {
@@ -412,6 +420,23 @@ mod tests {
             closed.level_dbfs
         );
         assert_eq!(closed.drop, Some(DropReason::TooQuiet));
+    }
+
+    #[test]
+    fn a_break_in_the_stream_closes_and_blocks_pre_roll_across_it() {
+        let mut seg = Segmenter::new(settings());
+        run(&mut seg, "1111");
+        let closed = seg.skip(4 * FRAME, 1000, EndReason::Overrun).expect("open");
+        assert_eq!(
+            (closed.start, closed.end, closed.reason),
+            (0, 4 * FRAME, EndReason::Overrun)
+        );
+        let resume = 4 * FRAME + 1000;
+        let mut open = None;
+        for i in 0..3 {
+            open = open.or(seg.frame(resume + i * FRAME, true, LOUD).open);
+        }
+        assert_eq!(open, Some(resume), "pre-roll stops at the break");
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Command-line behaviour: config errors (exit 78, naming the key), check-config, bad inputs.
+
+mod common;
+
+use common::*;
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_config_exits_78_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[vad]\nbogus = 1\n", "vad.bogus"),
+        ("[vad]\nmode = 7\n", "vad.mode"),
+        ("[vad]\nsilence_ms = \"long\"\n", "vad.silence_ms"),
+        ("[capture]\nchannel = \"left\"\n", "capture.channel"),
+        ("colour = \"red\"\n", "colour"),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        for args in [
+            vec!["check-config".to_string(), path.display().to_string()],
+            vec![
+                "-c".to_string(),
+                path.display().to_string(),
+                "-i".into(),
+                "x.wav".into(),
+            ],
+        ] {
+            let out = hark().args(&args).output().unwrap();
+            assert_eq!(out.status.code(), Some(78), "{toml}: {}", stderr(&out));
+            let err = stderr(&out);
+            assert!(
+                err.contains(key),
+                "{toml}: error does not name {key}: {err}"
+            );
+            assert!(
+                err.contains(&path.display().to_string()),
+                "names the file: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_override_exits_78_and_names_the_key() {
+    for (set, key) in [
+        ("vad.frame_ms=25", "vad.frame_ms"),
+        ("vad.nonsense=1", "vad.nonsense"),
+        ("encode.bitrate=fast", "encode.bitrate"),
+    ] {
+        let out = hark().args(["check-config", "-s", set]).output().unwrap();
+        assert_eq!(out.status.code(), Some(78), "{set}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains(key) && err.contains("-s"), "{set}: {err}");
+    }
+    let out = hark()
+        .args(["check-config", "-s", "novalue"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn check_config_prints_the_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hark.toml");
+    std::fs::write(
+        &path,
+        "device_id = \"kiosk-7\"\n[vad]\nsilence_ms = 900\n[output.mqtt]\nurl = \"mqtt://hark:s3cretpw@broker:1883\"\n",
+    )
+    .unwrap();
+    let out = hark()
+        .args(["check-config"])
+        .arg(&path)
+        .args(["-s", "vad.mode=3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("device_id = \"kiosk-7\""), "{text}");
+    assert!(text.contains("silence_ms = 900"), "{text}");
+    assert!(text.contains("mode = 3"), "{text}");
+    assert!(
+        text.contains("pre_roll_ms = 300"),
+        "defaults are shown: {text}"
+    );
+    assert!(
+        !text.contains("s3cretpw") && !stderr(&out).contains("s3cretpw"),
+        "{text}"
+    );
+    // The printed config is itself a valid config.
+    let again = dir.path().join("again.toml");
+    std::fs::write(&again, text.as_bytes()).unwrap();
+    let out = hark().arg("check-config").arg(&again).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_unreadable_or_broken_inputs_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let run_on = |input: &std::path::Path| {
+        let mut args = base_args(&spool);
+        args.extend(["-i".into(), input.display().to_string()]);
+        hark().args(&args).output().unwrap()
+    };
+
+    let missing = dir.path().join("nope.wav");
+    let out = run_on(&missing);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("nope.wav") && stderr(&out).contains("No such file"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = run_on(dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("directory"), "{}", stderr(&out));
+
+    let broken = dir.path().join("broken.wav");
+    let mut bytes = b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00".to_vec();
+    bytes.extend_from_slice(&[0xff; 7]);
+    std::fs::write(&broken, bytes).unwrap();
+    let out = run_on(&broken);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("broken.wav") && err.contains("WAV"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    let stereo = dir.path().join("stereo.wav");
+    write_wav(&stereo, &[0; 3200], 16_000, 2);
+    let mut args = base_args(&spool);
+    args.extend([
+        "-i".into(),
+        stereo.display().to_string(),
+        "-s".into(),
+        "capture.channel=2".into(),
+    ]);
+    let out = hark().args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("capture.channel"), "{}", stderr(&out));
+}
+
+#[test]
+fn unknown_subcommand_or_flag_is_a_usage_error() {
+    let out = hark().arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
