@@ -148,12 +148,11 @@ pub fn timeline(pieces: &[Vec<i16>], gap_ms: usize, edge_ms: usize, noise_rms: f
 
 /// Run hark to completion and return its output.
 pub fn run(args: &[&str]) -> Output {
-    let output = hark()
+    hark()
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("hark runs");
-    output
+        .expect("hark runs")
 }
 
 /// Parse JSON lines.
