@@ -14,10 +14,10 @@ use crate::capture::alsa::{self, AlsaSource, DeviceInfo};
 use crate::capture::file::FileSource;
 use crate::capture::{CaptureError, SAMPLE_RATE, Source};
 use crate::cli::RunArgs;
-use crate::config::{Config, ConfigError, OutputFormat, Source as SourceKind};
+use crate::config::{Config, ConfigError, Source as SourceKind};
 
 use crate::encode::EncodeSettings;
-use crate::event::{EventKind, Events, Stage, State};
+use crate::event::{EventKind, Events, State};
 use crate::pipeline::{DspConfig, Pipeline, Summary};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 use crate::spool::{Spool, SpoolError};
@@ -100,7 +100,7 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     let events = Events::new(device, queues);
 
     let spool = Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?);
-    let (source, opened) = open_source(config, args, &events)?;
+    let (source, opened) = open_source(config, args)?;
     let label = source.describe();
     if args.record_only {
         tracing::info!("record-only: utterances stay in {}", spool.dir().display());
@@ -213,11 +213,7 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
 
 /// Open the configured source. A file that cannot be read is an error now; a device that cannot
 /// be opened is reported and retried by the capture thread.
-fn open_source(
-    config: &Config,
-    args: &RunArgs,
-    events: &Events,
-) -> Result<(Box<dyn Source>, bool), DaemonError> {
+fn open_source(config: &Config, args: &RunArgs) -> Result<(Box<dyn Source>, bool), DaemonError> {
     let c = &config.capture;
     Ok(match c.source {
         SourceKind::File => {
@@ -228,25 +224,10 @@ fn open_source(
         }
         SourceKind::Stdin => (Box::new(FileSource::stdin(args.pace)?), true),
         SourceKind::Alsa => {
-            let mut source =
+            // Opened by the capture thread, which reports a missing device and retries.
+            let source =
                 AlsaSource::new(&c.device, c.sample_rate, c.channels, c.channel, c.period_ms);
-            let opened = match source.open() {
-                Ok(()) => {
-                    tracing::info!("capturing from {}", source.describe());
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("{e}; retrying in the background");
-                    events.emit(EventKind::Error {
-                        stage: Stage::Capture,
-                        code: e.code(),
-                        message: e.to_string(),
-                        retrying: true,
-                    });
-                    false
-                }
-            };
-            (Box::new(source), opened)
+            (Box::new(source), false)
         }
     })
 }
@@ -324,9 +305,4 @@ pub fn devices(only: Option<&str>) -> Result<String, DaemonError> {
         ));
     }
     Ok(out)
-}
-
-/// The stdout format, for `main` to decide whether a broken pipe matters.
-pub fn stdout_format(config: &Config) -> OutputFormat {
-    config.output.format
 }

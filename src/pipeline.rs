@@ -183,6 +183,7 @@ struct Dsp {
     open: Option<Utterance>,
     summary: Summary,
     vendor: String,
+    last_start_time: Option<SystemTime>,
 }
 
 impl Dsp {
@@ -196,6 +197,7 @@ impl Dsp {
             events,
             open: None,
             summary: Summary::default(),
+            last_start_time: None,
             vendor: format!(
                 "hark {} (libopus {})",
                 env!("CARGO_PKG_VERSION"),
@@ -314,12 +316,20 @@ impl Dsp {
     }
 
     fn begin(&mut self, start: u64) {
+        // The wall-clock time of the first sample: now, less what was captured since. A file is
+        // read faster than real time, so keep the times (and so the ids) in stream order.
         let back = self.history.end.saturating_sub(start);
-        let start_time = SystemTime::now()
+        let mut start_time = SystemTime::now()
             .checked_sub(Duration::from_micros(
                 back * 1_000_000 / u64::from(SAMPLE_RATE),
             ))
             .unwrap_or_else(SystemTime::now);
+        if let Some(last) = self.last_start_time
+            && start_time <= last
+        {
+            start_time = last + Duration::from_millis(1);
+        }
+        self.last_start_time = Some(start_time);
         let id = self.spool.new_id(start_time);
         let writer = match self.spool.begin(&id) {
             Ok(part) => {

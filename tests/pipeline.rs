@@ -69,6 +69,12 @@ fn every_ogg_passes_opusinfo_and_decodes_to_its_utterance_length() {
     let (_, events) = run_input(&sample, &spool, &[]);
     let utts = utterances(&events);
     assert_eq!(utts.len(), 3, "the sample has three sentences: {events:#?}");
+    // Ids sort in stream order even though a file is read faster than real time.
+    let ids: Vec<&str> = of_type(&events, "speech_end")
+        .iter()
+        .map(|e| e["utterance"].as_str().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     for (offset, duration, _, audio) in &utts {
         let audio = std::path::PathBuf::from(audio);
         let meta: serde_json::Value =

@@ -105,9 +105,6 @@ pub trait Source: Send {
     fn waits_for_consumer(&self) -> bool;
 }
 
-/// Backends by name, as `capture.source` selects them.
-pub const SOURCES: &[&str] = &[alsa::NAME, file::NAME, file::STDIN_NAME];
-
 /// A break in the sample stream, in stream positions (samples at 16 kHz).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
@@ -132,6 +129,8 @@ pub struct Shared {
     pub periods: AtomicU64,
     /// Whether the source is open and delivering (false while a device is being reopened).
     pub capturing: AtomicBool,
+    /// Set by a file source while it waits for room in the ring.
+    producer_waiting: AtomicBool,
     /// The threads at each end of the ring, woken when the other end moves.
     pub producer: OnceLock<Thread>,
     pub consumer: OnceLock<Thread>,
@@ -219,7 +218,11 @@ impl RingWriter {
             if self.shared.stop.load(Ordering::Relaxed) {
                 return false;
             }
-            thread::park_timeout(Duration::from_millis(50));
+            self.shared.producer_waiting.store(true, Ordering::SeqCst);
+            if self.samples.is_full() {
+                thread::park_timeout(Duration::from_millis(50));
+            }
+            self.shared.producer_waiting.store(false, Ordering::Relaxed);
         }
     }
 
@@ -279,7 +282,12 @@ impl RingReader {
             return Chunk::Empty;
         }
         self.pos += n as u64;
-        Shared::wake(&self.shared.producer);
+        // Wake a waiting file reader once half the ring is free, not after every frame.
+        if self.shared.producer_waiting.load(Ordering::SeqCst)
+            && self.samples.vacant_len() >= self.samples.capacity().get() / 2
+        {
+            Shared::wake(&self.shared.producer);
+        }
         Chunk::Samples(n)
     }
 

@@ -1,7 +1,7 @@
 //! Where events go. Each sink runs in its own thread behind a bounded queue; a slow or dead sink loses
 //! its own events (counted), never the pipeline's time.
 //!
-//! Backends implement [`Sink`] and are listed in [`SINKS`]. This module does not retry or reconnect:
+//! Backends implement [`Sink`]. This module does not retry or reconnect:
 //! a backend that needs to (MQTT) does so inside its own `write`.
 
 pub mod stdout;
@@ -24,9 +24,6 @@ pub trait Sink: Send + 'static {
     /// Deliver one line. An error stops this sink (and only this sink).
     fn write(&mut self, line: &Line) -> io::Result<()>;
 }
-
-/// Backends by name, as `output.*` selects them.
-pub const SINKS: &[&str] = &[stdout::NAME];
 
 /// The sending side of one sink's bounded queue.
 pub struct SinkQueue {

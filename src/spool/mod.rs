@@ -10,6 +10,7 @@
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::SystemTime;
 
@@ -82,6 +83,9 @@ pub struct Spool {
     max_bytes: u64,
     seq: AtomicU32,
     salt: u32,
+    /// Utterances and bytes in the spool, kept up to date by this process's own writes and
+    /// deletions, so the cap and status need no directory scan.
+    usage: Mutex<(u64, u64)>,
 }
 
 const PART: &str = ".part";
@@ -109,12 +113,17 @@ impl Spool {
                 fs::rename(entry.path(), kept).map_err(dir_err)?;
             }
         }
-        Ok(Spool {
+        let mut spool = Spool {
             dir: dir.to_owned(),
             max_bytes,
             seq: AtomicU32::new(0),
             salt: random_u32(),
-        })
+            usage: Mutex::new((0, 0)),
+        };
+        let entries = spool.entries()?;
+        *spool.usage.get_mut().unwrap_or_else(|p| p.into_inner()) =
+            (entries.len() as u64, entries.iter().map(|e| e.bytes).sum());
+        Ok(spool)
     }
 
     pub fn dir(&self) -> &Path {
@@ -175,6 +184,7 @@ impl Spool {
         fs::rename(&tmp, &meta_path).map_err(file_err(&meta_path))?;
         self.sync_dir()?;
         let bytes = file_len(&audio) + json.len() as u64;
+        self.account(1, bytes as i64);
         Ok(Entry {
             id: part.id,
             audio,
@@ -223,14 +233,32 @@ impl Spool {
 
     /// Utterances waiting and their bytes.
     pub fn usage(&self) -> (u64, u64) {
-        match self.entries() {
-            Ok(entries) => (entries.len() as u64, entries.iter().map(|e| e.bytes).sum()),
-            Err(_) => (0, 0),
-        }
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn account(&self, count: i64, bytes: i64) {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        usage.0 = usage.0.saturating_add_signed(count);
+        usage.1 = usage.1.saturating_add_signed(bytes);
+    }
+
+    /// Delete an utterance (metadata first: without it the audio is no longer an utterance).
+    pub fn remove(&self, entry: &Entry) -> Result<(), SpoolError> {
+        fs::remove_file(&entry.meta).map_err(|source| SpoolError::File {
+            path: entry.meta.clone(),
+            source,
+        })?;
+        let _ = fs::remove_file(&entry.audio);
+        self.account(-1, -(entry.bytes as i64));
+        Ok(())
     }
 
     /// Delete the oldest utterances until the spool fits `max_bytes`; returns what was deleted.
+    /// Scans the directory only when the running total is over the cap.
     pub fn enforce_cap(&self) -> Vec<UtteranceMeta> {
+        if self.usage().1 <= self.max_bytes {
+            return Vec::new();
+        }
         let Ok(entries) = self.entries() else {
             return Vec::new();
         };
@@ -241,9 +269,7 @@ impl Spool {
                 break;
             }
             let meta = read_meta(&entry.meta).ok();
-            // Metadata first: without it the audio is no longer an utterance.
-            if fs::remove_file(&entry.meta).is_ok() {
-                let _ = fs::remove_file(&entry.audio);
+            if self.remove(&entry).is_ok() {
                 total = total.saturating_sub(entry.bytes);
                 tracing::warn!(
                     "spool over {} bytes: dropped the oldest utterance {}",
@@ -370,10 +396,8 @@ mod tests {
         }
         let (n, bytes) = spool.usage();
         assert_eq!(n, 3);
-        let capped = Spool {
-            max_bytes: bytes - 1,
-            ..Spool::open(dir.path(), 0).unwrap()
-        };
+        let capped = Spool::open(dir.path(), bytes - 1).unwrap();
+        assert_eq!(capped.usage(), (3, bytes), "counted at open");
         let dropped = capped.enforce_cap();
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].utterance, "1");
