@@ -136,7 +136,8 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
             source,
         })?;
 
-    let ring_samples = (config.capture.ring_ms as usize * SAMPLE_RATE as usize / 1000).max(1);
+    let ring_samples = u64::from(config.capture.ring_ms) * u64::from(SAMPLE_RATE) / 1000;
+    let ring_samples = usize::try_from(ring_samples).unwrap_or(usize::MAX).max(1);
     let pipeline = Pipeline::start(
         source,
         opened,
@@ -197,7 +198,13 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         }
     }
     status(&events);
+    let shared = pipeline.shared().clone();
     let summary = pipeline.join();
+    let fatal = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
     signal_handle.close();
     let _ = signal_thread.join();
     tracing::info!(
@@ -208,7 +215,11 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     );
     events.close();
     drop(handles);
-    Ok(summary)
+    match fatal {
+        // The input broke off (a truncated file): what came before is spooled, but say so.
+        Some(e) => Err(DaemonError::Capture(e)),
+        None => Ok(summary),
+    }
 }
 
 /// Open the configured source. A file that cannot be read is an error now; a device that cannot

@@ -60,10 +60,13 @@ impl Pipeline {
         let dsp = thread::Builder::new()
             .name("hark-dsp".into())
             .spawn(move || {
-                let summary = Dsp::new(config, spool, dsp_events).run(reader);
-                let (tx, msg) = done;
-                let _ = tx.send(msg);
-                summary
+                // However this thread ends (even by a panic), capture stops waiting for it and
+                // the control thread hears that it ended.
+                let _done = Done {
+                    shared: reader.shared().clone(),
+                    notify: Some(done),
+                };
+                Dsp::new(config, spool, dsp_events).run(reader)
             })?;
         // Registered before capture starts, so the first push can wake the dsp thread.
         let _ = shared.consumer.set(dsp.thread().clone());
@@ -114,6 +117,27 @@ impl Drop for Pipeline {
         }
     }
 }
+
+/// Sent and set when the dsp thread ends.
+struct Done<T> {
+    shared: Arc<Shared>,
+    notify: Option<(Sender<T>, T)>,
+}
+
+impl<T> Drop for Done<T> {
+    fn drop(&mut self) {
+        self.shared.consumer_gone.store(true, Ordering::Release);
+        if let Some(t) = self.shared.producer.get() {
+            t.unpark();
+        }
+        if let Some((tx, msg)) = self.notify.take() {
+            let _ = tx.send(msg);
+        }
+    }
+}
+
+/// How long the dsp thread waits, after a stop, for capture to deliver its last period.
+const STOP_GRACE: Duration = Duration::from_millis(500);
 
 /// Recent frames, for an utterance's pre-roll.
 struct History {
@@ -167,6 +191,8 @@ impl History {
 
 struct Utterance {
     id: String,
+    /// The file being written, removed if writing fails.
+    part: Option<std::path::PathBuf>,
     start: u64,
     start_time: SystemTime,
     /// None when the spool could not create the file (reported); the utterance's events go on.
@@ -213,6 +239,7 @@ impl Dsp {
         let mut filled = 0;
         let mut pos: u64 = 0;
         let shared = reader.shared().clone();
+        let mut stop_seen: Option<std::time::Instant> = None;
         let short_gap = self.config.segmenter.silence_frames * self.config.segmenter.frame;
         let reason = loop {
             match reader.read(&mut frame[filled..]) {
@@ -258,8 +285,15 @@ impl Dsp {
                             EndReason::EndOfInput
                         };
                     }
-                    if shared.stop.load(Ordering::Acquire) && reader.is_empty() {
-                        break EndReason::Shutdown;
+                    if shared.stop.load(Ordering::Acquire) {
+                        // Capture may be inside its last read; a source blocked for good (stdin
+                        // with nothing coming) gets a short grace, then what is here is closed.
+                        let since = *stop_seen.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() >= STOP_GRACE {
+                            break EndReason::Shutdown;
+                        }
+                        reader.wait(Duration::from_millis(10));
+                        continue;
                     }
                     reader.wait(Duration::from_millis(100));
                 }
@@ -311,6 +345,9 @@ impl Dsp {
         if let Err(e) = writer.write(samples) {
             let id = utt.id.clone();
             utt.writer = None;
+            if let Some(path) = utt.part.take() {
+                self.spool.abandon(&path);
+            }
             self.spool_error(&id, &e);
         }
     }
@@ -331,8 +368,10 @@ impl Dsp {
         }
         self.last_start_time = Some(start_time);
         let id = self.spool.new_id(start_time);
+        let mut part_path = None;
         let writer = match self.spool.begin(&id) {
             Ok(part) => {
+                part_path = Some(part.path().to_owned());
                 let time = humantime::format_rfc3339_millis(start_time).to_string();
                 let comments = [
                     ("DEVICE", self.events.device()),
@@ -364,6 +403,7 @@ impl Dsp {
         });
         self.open = Some(Utterance {
             id,
+            part: part_path,
             start,
             start_time,
             writer,
@@ -414,12 +454,18 @@ impl Dsp {
                 match self.spool.commit(part, &meta) {
                     Ok(entry) => Some(entry.audio.display().to_string()),
                     Err(e) => {
+                        if let Some(path) = &utt.part {
+                            self.spool.abandon(path);
+                        }
                         self.spool_error(&utt.id, &e);
                         None
                     }
                 }
             }
             Some(Err(e)) => {
+                if let Some(path) = &utt.part {
+                    self.spool.abandon(path);
+                }
                 self.spool_error(&utt.id, &e);
                 None
             }

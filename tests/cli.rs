@@ -151,3 +151,37 @@ fn unknown_subcommand_or_flag_is_a_usage_error() {
     let out = hark().arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_wav_header_with_an_absurd_rate_or_channel_count_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    for (rate, channels, what) in [
+        (100_000_007u32, 1u16, "sample rate"),
+        (48_000, 64, "channel"),
+    ] {
+        let wav = dir.path().join("absurd.wav");
+        let block = channels as u32 * 2;
+        let mut b = Vec::new();
+        b.extend_from_slice(b"RIFF");
+        b.extend_from_slice(&(36u32 + 4).to_le_bytes());
+        b.extend_from_slice(b"WAVEfmt ");
+        b.extend_from_slice(&16u32.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&channels.to_le_bytes());
+        b.extend_from_slice(&rate.to_le_bytes());
+        b.extend_from_slice(&rate.wrapping_mul(block).to_le_bytes());
+        b.extend_from_slice(&(block as u16).to_le_bytes());
+        b.extend_from_slice(&16u16.to_le_bytes());
+        b.extend_from_slice(b"data");
+        b.extend_from_slice(&block.to_le_bytes());
+        b.extend(std::iter::repeat_n(0u8, block as usize));
+        std::fs::write(&wav, b).unwrap();
+        let mut args = base_args(&spool);
+        args.extend(["-i".into(), wav.display().to_string()]);
+        let out = hark().args(&args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("absurd.wav") && err.contains(what), "{err}");
+    }
+}

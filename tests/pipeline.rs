@@ -301,3 +301,93 @@ fn pace_feeds_a_file_at_real_time_speed() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_wav_read_through_a_pipe_path_loses_nothing() {
+    // `-i /dev/stdin` is a pipe: the bytes read to recognise the WAV cannot be read again.
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/hello.wav");
+    let (_, from_file) = run_input(&sample, &dir.path().join("a"), &[]);
+    let mut args = base_args(&dir.path().join("b"));
+    args.extend(["-i".to_string(), "/dev/stdin".to_string()]);
+    let mut child = hark()
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let bytes = std::fs::read(&sample).unwrap();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&bytes);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = |u: Vec<(u64, u64, String, String)>| -> Vec<(u64, u64)> {
+        u.iter().map(|x| (x.0, x.1)).collect()
+    };
+    assert_eq!(
+        spans(utterances(&events(&out.stdout))),
+        spans(utterances(&from_file))
+    );
+}
+
+#[test]
+fn speech_running_to_the_end_of_a_file_is_kept_to_the_last_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = speech(
+        "And this recording stops in the middle of a word",
+        dir.path(),
+    );
+    let mut samples = vec![0i16; RATE as usize];
+    samples.extend_from_slice(&words);
+    // Not a whole number of frames.
+    samples.truncate(samples.len() - samples.len() % 320 + 123);
+    let wav = dir.path().join("cut.wav");
+    write_wav(&wav, &samples, RATE, 1);
+    let (_, events) = run_input(&wav, &dir.path().join("spool"), &[]);
+    let end = of_type(&events, "speech_end");
+    assert_eq!(end.len(), 1, "{events:#?}");
+    assert_eq!(end[0]["reason"], "end_of_input");
+    let audio = std::path::PathBuf::from(end[0]["audio"].as_str().unwrap());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(audio.with_extension("json")).unwrap()).unwrap();
+    let kept = meta["samples"].as_u64().unwrap();
+    assert_eq!(
+        meta["offset_ms"].as_u64().unwrap() * 16 + kept,
+        samples.len() as u64
+    );
+    assert_eq!(check_ogg(&audio, dir.path()) as u64, kept);
+}
+
+#[test]
+fn a_truncated_wav_keeps_what_it_has_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/hello.wav");
+    let mut bytes = std::fs::read(&sample).unwrap();
+    // Cut mid-sample, two thirds in: the header still promises the whole recording.
+    bytes.truncate(bytes.len() * 2 / 3 + 1);
+    let wav = dir.path().join("truncated.wav");
+    std::fs::write(&wav, bytes).unwrap();
+    let mut args = base_args(&dir.path().join("spool"));
+    args.extend(["-i".to_string(), wav.display().to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&refs);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("truncated.wav"), "{err}");
+    let events = events(&out.stdout);
+    assert_eq!(
+        utterances(&events).len(),
+        2,
+        "the two whole sentences are kept: {events:#?}"
+    );
+    assert_eq!(of_type(&events, "error")[0]["stage"], "capture");
+}

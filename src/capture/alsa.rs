@@ -3,6 +3,12 @@
 //!
 //! Also lists capture devices for `hark devices`. Deliberately not here: mixer controls, mmap I/O.
 //!
+//! # Why non-blocking
+//! A blocking `snd_pcm_open` on a device that another program holds sleeps until that program
+//! lets go: no error, no event, no retry. The PCM is opened non-blocking (a busy device fails at
+//! once with EBUSY, reported and retried), and each period waits with `snd_pcm_wait` and a
+//! timeout, which also bounds how long a stop request waits.
+//!
 //! # Why `io_unchecked`
 //! `PCM::io_i16()` verifies the sample format on every call by fetching the current hw params, and
 //! that allocates (`snd_pcm_hw_params_malloc`). The format is checked once in `open`, and the period
@@ -89,7 +95,7 @@ impl Source for AlsaSource {
 
     fn open(&mut self) -> Result<(), CaptureError> {
         self.pcm = None;
-        let pcm = PCM::new(&self.device, Direction::Capture, false).map_err(self.err("open"))?;
+        let pcm = PCM::new(&self.device, Direction::Capture, true).map_err(self.err("open"))?;
         let period_frames;
         {
             let hwp = HwParams::any(&pcm).map_err(self.err("read hardware parameters"))?;
@@ -165,6 +171,17 @@ impl Source for AlsaSource {
                 message: "not open".into(),
             });
         };
+        // Up to two periods for data; a timeout is no error (the caller checks for a stop).
+        if let Err(e) = pcm.wait(Some(self.period_ms * 2 + 10))
+            && e.errno() != libc::EPIPE
+            && e.errno() != libc::ESTRPIPE
+        {
+            return Err(CaptureError::Alsa {
+                device: self.device.clone(),
+                what: "wait",
+                source: e,
+            });
+        }
         // SAFETY: the format was verified as S16_LE in `open`, and this is the only IO object.
         let io = unsafe { pcm.io_unchecked::<i16>() };
         match io.readi(&mut self.buf) {
@@ -200,6 +217,12 @@ impl Source for AlsaSource {
 
     fn waits_for_consumer(&self) -> bool {
         false
+    }
+
+    fn flush(&mut self, ring: &mut RingWriter) {
+        if let Some(converter) = &mut self.converter {
+            converter.flush(ring);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! ends in `.wav` or that starts with a RIFF tag must parse as WAV; anything else is raw s16le.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Chain, Cursor, Read};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,9 +18,18 @@ pub const STDIN_NAME: &str = "stdin";
 /// Frames read per period: 20 ms at the file's rate.
 const PERIOD_MS: usize = 20;
 
+/// The file with the bytes already read to recognise it put back in front (the file may be a
+/// pipe, which cannot be reopened or rewound).
+type Sniffed = Chain<Cursor<Vec<u8>>, File>;
+
+/// What a WAV header may declare; beyond this it is broken or hostile, not a recording.
+const MAX_RATE: u32 = 192_000;
+const MIN_RATE: u32 = 8_000;
+const MAX_CHANNELS: u16 = 32;
+
 enum Reader {
     Wav {
-        wav: hound::WavReader<BufReader<File>>,
+        wav: hound::WavReader<BufReader<Sniffed>>,
         float: bool,
         bits: u16,
     },
@@ -67,7 +76,7 @@ impl FileSource {
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("wav") || e.eq_ignore_ascii_case("wave"));
         let by_magic = n == 4 && matches!(&magic, b"RIFF" | b"RIFX" | b"RF64");
-        let file = File::open(path).map_err(input_err)?;
+        let file = Cursor::new(magic[..n].to_vec()).chain(file);
         if by_name || by_magic {
             let wav = hound::WavReader::new(BufReader::new(file)).map_err(|source| {
                 CaptureError::Wav {
@@ -76,10 +85,17 @@ impl FileSource {
                 }
             })?;
             let spec = wav.spec();
-            if spec.channels == 0 || spec.sample_rate == 0 {
+            let bad = if !(MIN_RATE..=MAX_RATE).contains(&spec.sample_rate) {
+                Some("sample rate outside 8000..=192000 Hz")
+            } else if spec.channels == 0 || spec.channels > MAX_CHANNELS {
+                Some("channel count outside 1..=32")
+            } else {
+                None
+            };
+            if let Some(why) = bad {
                 return Err(CaptureError::Wav {
                     path: shown,
-                    source: hound::Error::FormatError("zero channels or sample rate"),
+                    source: hound::Error::FormatError(why),
                 });
             }
             if let ChannelSel::Index(c) = channel
@@ -113,7 +129,17 @@ impl FileSource {
 
     /// Raw s16le 16 kHz mono from standard input.
     pub fn stdin(pace: bool) -> Result<FileSource, CaptureError> {
-        let reader = Reader::Raw(Box::new(io::stdin()));
+        // A duplicate of fd 0 as a plain file: `io::Stdin` takes a lock on every read.
+        use std::os::fd::AsFd;
+        let fd =
+            io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| CaptureError::Input {
+                    path: "-".into(),
+                    source,
+                })?;
+        let reader = Reader::Raw(Box::new(File::from(fd)));
         Self::new(
             STDIN_NAME,
             "-".into(),
@@ -258,5 +284,9 @@ impl Source for FileSource {
 
     fn waits_for_consumer(&self) -> bool {
         true
+    }
+
+    fn flush(&mut self, ring: &mut RingWriter) {
+        self.converter.flush(ring);
     }
 }

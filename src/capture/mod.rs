@@ -12,7 +12,7 @@ pub mod alsa;
 pub mod file;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
@@ -103,6 +103,8 @@ pub trait Source: Send {
     fn read_period(&mut self, ring: &mut RingWriter) -> Result<Flow, CaptureError>;
     /// Whether a full ring should wait for the consumer (files, pipes) rather than drop (devices).
     fn waits_for_consumer(&self) -> bool;
+    /// Capture is stopping: push what the converter still holds (the resampler's tail).
+    fn flush(&mut self, _ring: &mut RingWriter) {}
 }
 
 /// A break in the sample stream, in stream positions (samples at 16 kHz).
@@ -131,6 +133,10 @@ pub struct Shared {
     pub capturing: AtomicBool,
     /// Set by a file source while it waits for room in the ring.
     producer_waiting: AtomicBool,
+    /// Set when the dsp thread has ended (normally or not): nobody reads the ring any more.
+    pub consumer_gone: AtomicBool,
+    /// A capture error that ended the input for good (an unreadable file), for the exit status.
+    pub fatal: Mutex<Option<CaptureError>>,
     /// The threads at each end of the ring, woken when the other end moves.
     pub producer: OnceLock<Thread>,
     pub consumer: OnceLock<Thread>,
@@ -152,6 +158,9 @@ pub struct RingWriter {
     pos: u64,
     shared: Arc<Shared>,
     wait: bool,
+    /// A loss not yet in the gap ring: consecutive losses merge into it, and it is published
+    /// before the next sample that makes it into the ring.
+    pending: Option<Gap>,
 }
 
 /// The dsp thread's end of the ring.
@@ -187,6 +196,7 @@ pub fn ring(capacity: usize, shared: Arc<Shared>) -> (RingWriter, RingReader) {
             pos: 0,
             shared: shared.clone(),
             wait: false,
+            pending: None,
         },
         RingReader {
             samples: samples_rx,
@@ -202,6 +212,12 @@ impl RingWriter {
     /// source waits for the consumer. Returns false when told to stop while waiting.
     pub fn push(&mut self, mut samples: &[i16]) -> bool {
         loop {
+            // A pending loss is published once a sample can follow it; while 64 losses wait
+            // unread, these samples are lost too (the pending gap grows: the timeline stays exact).
+            if self.pending.is_some() && !self.samples.is_full() && !self.publish_gap() {
+                self.mark_gap(samples.len() as u64);
+                return true;
+            }
             let n = self.samples.push_slice(samples);
             self.pos += n as u64;
             samples = &samples[n..];
@@ -215,7 +231,9 @@ impl RingWriter {
                 self.mark_gap(samples.len() as u64);
                 return true;
             }
-            if self.shared.stop.load(Ordering::Relaxed) {
+            if self.shared.stop.load(Ordering::Relaxed)
+                || self.shared.consumer_gone.load(Ordering::Relaxed)
+            {
                 return false;
             }
             self.shared.producer_waiting.store(true, Ordering::SeqCst);
@@ -226,18 +244,44 @@ impl RingWriter {
         }
     }
 
-    /// Record that `len` samples were lost here (0: a discontinuity such as a lost device).
+    /// Record that `len` samples were lost here. Back-to-back losses make one gap.
     pub fn mark_gap(&mut self, len: u64) {
-        let gap = Gap { pos: self.pos, len };
-        self.pos += len;
-        if len > 0 {
-            self.shared.overruns.fetch_add(1, Ordering::Relaxed);
-            self.shared.lost_samples.fetch_add(len, Ordering::Relaxed);
+        if len == 0 {
+            return;
         }
-        // A full gap ring means the consumer is far behind; the loss is still counted above, and
-        // the reader finds its length at the next recorded gap (see `RingReader::read`).
-        let _ = self.gaps.try_push(gap);
+        match &mut self.pending {
+            // Nothing entered the ring since the pending loss began: this one continues it.
+            Some(gap) => gap.len += len,
+            None => {
+                self.pending = Some(Gap { pos: self.pos, len });
+                self.shared.overruns.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.pos += len;
+        self.shared.lost_samples.fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// Record a discontinuity (a lost device): the open utterance ends here.
+    pub fn mark_break(&mut self) {
+        self.publish_gap();
+        let _ = self.gaps.try_push(Gap {
+            pos: self.pos,
+            len: 0,
+        });
         self.wake_consumer();
+    }
+
+    /// Publish any pending loss (before samples that follow it, or when capture ends). Returns
+    /// false when the gap ring is full.
+    pub fn publish_gap(&mut self) -> bool {
+        if let Some(gap) = self.pending {
+            if self.gaps.try_push(gap).is_err() {
+                return false;
+            }
+            self.pending = None;
+            self.wake_consumer();
+        }
+        true
     }
 
     /// Count a delivered period (watchdog progress).
@@ -264,16 +308,6 @@ impl RingReader {
                 self.gaps.try_pop();
                 self.pos += gap.len;
                 return Chunk::Gap(gap);
-            }
-            if self.samples.is_empty() {
-                // Samples before a gap are published before the gap is, so an empty ring short
-                // of the gap's position means losses the full gap ring could not record.
-                let lost = Gap {
-                    pos: self.pos,
-                    len: gap.pos - self.pos,
-                };
-                self.pos = gap.pos;
-                return Chunk::Gap(lost);
             }
             limit = limit.min((gap.pos - self.pos) as usize);
         }
@@ -550,6 +584,8 @@ pub fn spawn(
         .name("hark-capture".into())
         .spawn(move || {
             let shared = ring.shared.clone();
+            // However the thread ends (even by a panic), the dsp thread learns that it did.
+            let _finished = Finished(shared.clone());
             let _ = shared.producer.set(thread::current());
             let mut attempt = 0u32;
             'outer: while !shared.stop.load(Ordering::Acquire) {
@@ -584,26 +620,36 @@ pub fn spawn(
                 };
                 match result {
                     Ok(Flow::EndOfInput) => break 'outer,
-                    Ok(Flow::Continue) => {}
+                    Ok(Flow::Continue) => source.flush(&mut ring),
                     Err(e) => {
                         shared.capturing.store(false, Ordering::Release);
                         report(&events, &e, e.is_retryable());
-                        ring.mark_gap(0);
+                        ring.mark_break();
                         opened = false;
                         if !e.is_retryable() {
+                            *shared.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                             break 'outer;
                         }
                     }
                 }
             }
-            shared.capturing.store(false, Ordering::Release);
-            shared.finished.store(true, Ordering::Release);
-            ring.wake_consumer();
+            ring.publish_gap();
         })?;
     Ok(CaptureHandle {
         shared,
         thread: Some(thread),
     })
+}
+
+/// Marks the capture thread finished when dropped.
+struct Finished(Arc<Shared>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.capturing.store(false, Ordering::Release);
+        self.0.finished.store(true, Ordering::Release);
+        Shared::wake(&self.0.consumer);
+    }
 }
 
 fn report(events: &Events, e: &CaptureError, retrying: bool) {
@@ -645,9 +691,9 @@ mod tests {
         let mut buf = [0i16; 16];
         assert_eq!(r.read(&mut buf), Chunk::Samples(8));
         assert_eq!(&buf[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(w.push(&[11]));
         assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 8, len: 2 }));
         assert_eq!(r.position(), 10);
-        assert!(w.push(&[11]));
         assert_eq!(r.read(&mut buf), Chunk::Samples(1));
         assert_eq!(r.position(), 11);
         assert_eq!(shared.overruns.load(Ordering::Relaxed), 1);
@@ -655,32 +701,61 @@ mod tests {
     }
 
     #[test]
-    fn losses_beyond_the_gap_ring_are_found_at_the_next_recorded_gap() {
+    fn back_to_back_losses_make_one_gap_published_before_later_samples() {
         let shared = Arc::new(Shared::default());
-        let (mut w, mut r) = ring(4, shared);
-        for _ in 0..GAP_CAPACITY + 10 {
-            w.mark_gap(3);
+        let (mut w, mut r) = ring(4, shared.clone());
+        assert!(w.push(&[1, 2, 3, 4]));
+        // The ring stays full for three periods: one loss of 9 samples.
+        for _ in 0..3 {
+            assert!(w.push(&[9, 9, 9]));
         }
-        w.push(&[1, 2]);
         let mut buf = [0i16; 8];
-        let mut lost = 0;
-        loop {
-            match r.read(&mut buf) {
-                Chunk::Gap(g) => lost += g.len,
-                Chunk::Samples(n) => {
-                    assert_eq!(&buf[..n], &[1, 2]);
-                    break;
-                }
-                Chunk::Empty => panic!("stuck before the samples"),
-            }
+        assert_eq!(r.read(&mut buf), Chunk::Samples(4));
+        assert_eq!(
+            r.read(&mut buf),
+            Chunk::Empty,
+            "not published before the next sample"
+        );
+        assert!(w.push(&[5]));
+        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 4, len: 9 }));
+        assert_eq!(r.read(&mut buf), Chunk::Samples(1));
+        assert_eq!(buf[0], 5);
+        assert_eq!(r.position(), 14);
+        assert_eq!(shared.overruns.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.lost_samples.load(Ordering::Relaxed), 9);
+    }
+
+    #[test]
+    fn a_full_gap_ring_loses_samples_but_keeps_the_timeline() {
+        let shared = Arc::new(Shared::default());
+        let (mut w, mut r) = ring(1000, shared);
+        for i in 0..GAP_CAPACITY + 6 {
+            assert!(w.push(&[i as i16]));
+            w.mark_gap(1); // an xrun after every sample
         }
-        // Recorded gaps only: the 10 unrecorded ones surface at the next recorded gap.
-        assert_eq!(lost, GAP_CAPACITY as u64 * 3);
-        w.mark_gap(5);
-        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 194, len: 30 }));
-        assert_eq!(r.read(&mut buf), Chunk::Gap(Gap { pos: 224, len: 5 }));
-        assert_eq!(r.read(&mut buf), Chunk::Empty);
-        assert_eq!(r.position(), 229);
+        let mut buf = [0i16; 1000];
+        let mut samples = 0;
+        let mut lost = 0;
+        for _ in 0..2 {
+            loop {
+                match r.read(&mut buf) {
+                    Chunk::Gap(g) => lost += g.len,
+                    Chunk::Samples(n) => samples += n as u64,
+                    Chunk::Empty => break,
+                }
+            }
+            w.publish_gap();
+        }
+        assert!(
+            samples < (GAP_CAPACITY + 6) as u64,
+            "some samples were lost with the gaps"
+        );
+        assert_eq!(
+            samples + lost,
+            w.position(),
+            "every sample and every loss is accounted for"
+        );
+        assert_eq!(r.position(), w.position());
     }
 
     fn convert_all(rate: u32, channels: usize, sel: ChannelSel, input: &[i16]) -> Vec<i16> {

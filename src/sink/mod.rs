@@ -65,10 +65,22 @@ pub struct SinkHandle {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long stopping waits for a sink to write out what it holds (a stalled reader of stdout
+/// must not keep hark from exiting after SIGTERM).
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Drop for SinkHandle {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            let until = std::time::Instant::now() + DRAIN_DEADLINE;
+            while !thread.is_finished() && std::time::Instant::now() < until {
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            } else {
+                tracing::warn!("a sink did not finish writing within {DRAIN_DEADLINE:?}");
+            }
         }
     }
 }

@@ -69,6 +69,13 @@ pub struct Part {
     file: BufWriter<File>,
 }
 
+impl Part {
+    /// Where the audio is being written.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 impl Write for Part {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.file.write(buf)
@@ -101,7 +108,13 @@ impl Spool {
         for entry in fs::read_dir(dir).map_err(dir_err)?.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') && name.ends_with(PART) {
+            let part = name.starts_with('.') && name.ends_with(PART);
+            // Audio whose metadata was never written (a crash between the two renames).
+            let orphan = !name.starts_with('.')
+                && name
+                    .strip_suffix(".ogg")
+                    .is_some_and(|id| !dir.join(format!("{id}.json")).exists());
+            if part || orphan {
                 let partial = dir.join("partial");
                 fs::create_dir_all(&partial).map_err(dir_err)?;
                 let kept = partial.join(name.trim_start_matches('.').trim_end_matches(PART));
@@ -198,6 +211,15 @@ impl Spool {
         let Part { path, file, .. } = part;
         drop(file);
         if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!("spool: cannot remove {}: {e}", path.display());
+        }
+    }
+
+    /// Remove a part file whose writer failed (disk full): it would never become an utterance.
+    pub fn abandon(&self, path: &Path) {
+        if let Err(e) = fs::remove_file(path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
             tracing::warn!("spool: cannot remove {}: {e}", path.display());
         }
     }
@@ -387,8 +409,13 @@ mod tests {
     fn crash_leftovers_are_kept_apart_and_cap_drops_oldest() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(".x.ogg.part"), b"half").unwrap();
+        fs::write(dir.path().join("y.ogg"), b"no metadata").unwrap();
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_eq!(fs::read(dir.path().join("partial/x.ogg")).unwrap(), b"half");
+        assert_eq!(
+            fs::read(dir.path().join("partial/y.ogg")).unwrap(),
+            b"no metadata"
+        );
         for id in ["1", "2", "3"] {
             let mut part = spool.begin(id).unwrap();
             part.write_all(&[0u8; 1000]).unwrap();

@@ -100,6 +100,9 @@ enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Open {
     start: u64,
+    /// It goes on from a `max_length` cut: any speech in it is the rest of a word, kept however
+    /// short or quiet.
+    continued: bool,
     first_voiced: Option<u64>,
     last_voiced_end: u64,
     unvoiced: u64,
@@ -168,6 +171,7 @@ impl Segmenter {
                     .max(self.last_end);
                 let open = Open {
                     start,
+                    continued: false,
                     first_voiced: Some(first),
                     last_voiced_end: end,
                     unvoiced: 0,
@@ -233,6 +237,7 @@ impl Segmenter {
         let closed = self.close(end, EndReason::MaxLength);
         self.phase = Phase::Speech(Open {
             start: end,
+            continued: true,
             first_voiced: None,
             last_voiced_end: end,
             unvoiced,
@@ -252,9 +257,9 @@ impl Segmenter {
             .first_voiced
             .map_or(0, |first| open.last_voiced_end.saturating_sub(first));
         let level_dbfs = level_dbfs(open.voiced_energy, open.voiced_samples);
-        let drop = if speech == 0 || speech < self.s.min_speech {
+        let drop = if speech == 0 || (speech < self.s.min_speech && !open.continued) {
             Some(DropReason::TooShort)
-        } else if level_dbfs < self.s.min_level_dbfs {
+        } else if level_dbfs < self.s.min_level_dbfs && !open.continued {
             Some(DropReason::TooQuiet)
         } else {
             None
@@ -396,6 +401,23 @@ mod tests {
         for c in &closed {
             assert!(c.end - c.start <= 30 * FRAME);
         }
+    }
+
+    #[test]
+    fn the_short_rest_of_a_cut_utterance_is_kept_but_pure_silence_is_not() {
+        // min speech 100 ms (10 frames), max 30 frames: 32 voiced frames leave a 2-frame rest.
+        let mut seg = Segmenter::new(Settings::from_ms(10, 30, 50, 0, 100, 300, -60.0));
+        let voiced = "1".repeat(32);
+        let closed = closes(&run(&mut seg, &format!("{voiced}00000")));
+        assert_eq!(closed.len(), 2);
+        assert_eq!(closed[1].speech, 2 * FRAME);
+        assert_eq!(closed[1].drop, None, "the end of the last word is kept");
+
+        let mut seg = Segmenter::new(Settings::from_ms(10, 30, 50, 0, 100, 300, -60.0));
+        let closed = closes(&run(&mut seg, &format!("{}0000000", "1".repeat(28))));
+        // The cut falls in the closing silence: the rest holds no speech at all.
+        assert_eq!(closed.len(), 2);
+        assert_eq!(closed[1].drop, Some(DropReason::TooShort));
     }
 
     #[test]

@@ -146,13 +146,37 @@ pub fn timeline(pieces: &[Vec<i16>], gap_ms: usize, edge_ms: usize, noise_rms: f
     Timeline { samples, spans }
 }
 
-/// Run hark to completion and return its output.
+/// How long any single hark run in the tests may take before it is killed and the test fails.
+pub const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Run hark to completion (killed and failed after [`RUN_LIMIT`]) and return its output.
 pub fn run(args: &[&str]) -> Output {
-    hark()
+    let child = hark()
         .args(args)
         .stdin(Stdio::null())
-        .output()
-        .expect("hark runs")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hark runs");
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(RUN_LIMIT).is_err() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            return true;
+        }
+        false
+    });
+    let output = child.wait_with_output().expect("hark output");
+    let _ = tx.send(());
+    assert!(
+        !watchdog.join().unwrap(),
+        "hark {args:?} did not finish within {RUN_LIMIT:?}"
+    );
+    output
 }
 
 /// Parse JSON lines.
