@@ -272,7 +272,7 @@ fn sigterm_and_sigint_close_the_open_utterance_and_exit_zero() {
             e["type"] == "speech_start"
         });
         running.signal(sig);
-        let (status, rest) = running.finish(Duration::from_secs(30));
+        let (status, rest, _) = running.finish(Duration::from_secs(30));
         assert!(status.success(), "exit {status}");
         seen.extend(rest);
         let end = of_type(&seen, "speech_end");

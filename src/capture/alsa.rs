@@ -14,7 +14,7 @@
 //! that allocates (`snd_pcm_hw_params_malloc`). The format is checked once in `open`, and the period
 //! loop then uses `io_unchecked`, so the hot loop makes no allocation.
 
-use std::ffi::CString;
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Instant;
 
 use ::alsa::pcm::{Access, Format, HwParams, PCM};
@@ -24,6 +24,34 @@ use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::config::ChannelSel;
 
 pub const NAME: &str = "alsa";
+
+/// alsa-lib's per-thread error handler: `va_list` as its last parameter, not `...`.
+type LocalErrorHandler =
+    unsafe extern "C" fn(*const c_char, c_int, *const c_char, c_int, *const c_char, *mut c_void);
+
+unsafe extern "C" {
+    fn snd_lib_error_set_local(handler: Option<LocalErrorHandler>) -> Option<LocalErrorHandler>;
+}
+
+unsafe extern "C" fn ignore_alsa_lib_error(
+    _file: *const c_char,
+    _line: c_int,
+    _function: *const c_char,
+    _errcode: c_int,
+    _fmt: *const c_char,
+    _args: *mut c_void,
+) {
+}
+
+/// Stop alsa-lib printing its own errors to stderr on this thread. A missing card makes it print
+/// eight lines per failed open, every retry, for as long as the microphone is unplugged; hark
+/// reports the same failure once per attempt as an `error` event and a log line.
+pub fn quiet_alsa_lib() {
+    // SAFETY: sets a thread-local function pointer in alsa-lib; the handler does nothing.
+    unsafe {
+        snd_lib_error_set_local(Some(ignore_alsa_lib_error));
+    }
+}
 
 /// Captures from an ALSA PCM.
 pub struct AlsaSource {
@@ -94,6 +122,7 @@ impl Source for AlsaSource {
     }
 
     fn open(&mut self) -> Result<(), CaptureError> {
+        quiet_alsa_lib();
         self.pcm = None;
         let pcm = PCM::new(&self.device, Direction::Capture, true).map_err(self.err("open"))?;
         let period_frames;
@@ -250,25 +279,34 @@ const COMMON_RATES: &[u32] = &[8000, 11025, 16000, 22050, 32000, 44100, 48000, 9
 
 /// Probe what `name` accepts for capture.
 pub fn probe(name: &str) -> Result<Caps, String> {
-    let pcm = PCM::new(name, Direction::Capture, true).map_err(|e| e.to_string())?;
-    let hwp = HwParams::any(&pcm).map_err(|e| e.to_string())?;
+    probe_pcm(name).map_err(|e| e.to_string())
+}
+
+fn probe_pcm(name: &str) -> Result<Caps, ::alsa::Error> {
+    quiet_alsa_lib();
+    let pcm = PCM::new(name, Direction::Capture, true)?;
+    let hwp = HwParams::any(&pcm)?;
     let rates = COMMON_RATES
         .iter()
         .copied()
         .filter(|&r| hwp.test_rate(r).is_ok())
         .collect();
     Ok(Caps {
-        rate_min: hwp.get_rate_min().map_err(|e| e.to_string())?,
-        rate_max: hwp.get_rate_max().map_err(|e| e.to_string())?,
+        rate_min: hwp.get_rate_min()?,
+        rate_max: hwp.get_rate_max()?,
         rates,
-        channels_min: hwp.get_channels_min().map_err(|e| e.to_string())?,
-        channels_max: hwp.get_channels_max().map_err(|e| e.to_string())?,
+        channels_min: hwp.get_channels_min()?,
+        channels_max: hwp.get_channels_max()?,
         s16: hwp.test_format(Format::s16()).is_ok(),
     })
 }
 
-/// Capture devices: the PCMs ALSA's configuration hints at, and every card's hardware devices.
+/// Capture devices: the PCMs ALSA's configuration hints at that can be opened for capture (or are
+/// busy), and every card's hardware devices. Hinted PCMs that cannot capture at all (rate
+/// converter plugins, a sound server that is not running) are left out; `probe` one by name to
+/// see why it fails.
 pub fn list_devices() -> Vec<DeviceInfo> {
+    quiet_alsa_lib();
     let mut out: Vec<DeviceInfo> = Vec::new();
     let pcm_iface = CString::new("pcm").unwrap_or_default();
     if let Ok(hints) = ::alsa::device_name::HintIter::new(None, &pcm_iface) {
@@ -277,9 +315,18 @@ pub fn list_devices() -> Vec<DeviceInfo> {
             if hint.direction == Some(Direction::Playback) || name == "null" {
                 continue;
             }
+            // libjack prints to stderr itself when no JACK server runs.
+            if name == "jack" {
+                continue;
+            }
+            let caps = match probe_pcm(&name) {
+                Ok(caps) => Ok(caps),
+                Err(e) if e.errno() == libc::EBUSY => Err(format!("busy: {e}")),
+                Err(_) => continue,
+            };
             let description = hint.desc.unwrap_or_default().replace('\n', " ");
             out.push(DeviceInfo {
-                caps: probe(&name),
+                caps,
                 name,
                 description,
             });

@@ -3,7 +3,7 @@
 //! Debian package to install; nothing is skipped silently.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -256,6 +256,7 @@ pub struct Running {
     pub child: Child,
     pub events: mpsc::Receiver<Value>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    stderr_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -280,15 +281,19 @@ impl Running {
         });
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = String::new();
-            let _ = stderr_pipe.read_to_string(&mut buf);
-            sink.lock().unwrap().push_str(&buf);
+        let stderr_thread = std::thread::spawn(move || {
+            for line in BufReader::new(&mut stderr_pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
         });
         Running {
             child,
             events: rx,
             stderr,
+            stderr_thread: Some(stderr_thread),
         }
     }
 
@@ -324,13 +329,17 @@ impl Running {
         }
     }
 
-    /// Wait for exit (bounded), then return the status and the remaining events.
-    pub fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<Value>) {
+    /// Wait for exit (bounded), then return the status, the remaining events and all of stderr.
+    pub fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, Vec<Value>, String) {
         let deadline = std::time::Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 let rest: Vec<Value> = self.events.iter().collect();
-                return (status, rest);
+                if let Some(t) = self.stderr_thread.take() {
+                    t.join().expect("stderr reader");
+                }
+                let stderr = self.stderr.lock().unwrap().clone();
+                return (status, rest, stderr);
             }
             assert!(
                 std::time::Instant::now() < deadline,
