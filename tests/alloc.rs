@@ -93,7 +93,7 @@ fn capture_periods_do_not_allocate() {
         .map(|i| ((i / 2) as f32 * 0.05).sin() as i16 * 1000)
         .collect();
     common::write_raw(&raw, &tone);
-    let conf = common::alsa_config(dir.path(), &raw, 48_000, 2);
+    let conf = common::alsa_config(dir.path(), &raw);
     // SAFETY: set before any other thread of this test binary reads the environment.
     unsafe { std::env::set_var("ALSA_CONFIG_PATH", &conf) };
     let mut alsa = AlsaSource::new("hark_test", 48_000, 2, ChannelSel::Mix, 20);

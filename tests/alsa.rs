@@ -28,7 +28,7 @@ fn alsa_capture_gives_the_same_utterances_as_the_file_source() {
     let t = timeline(&pieces, 1500, 1000, 33.0);
     let raw = dir.path().join("speech.raw");
     write_raw(&raw, &t.samples);
-    let conf = alsa_config(dir.path(), &raw, 16_000, 1);
+    let conf = alsa_config(dir.path(), &raw);
 
     let (_, from_file) = run_input(&raw, &dir.path().join("file"), &[]);
     let from_file = utterances(&from_file);
@@ -67,7 +67,7 @@ fn overruns_are_counted_and_reported_in_status_events() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("noise.raw");
     write_raw(&raw, &noise(16_000, 30.0, 1));
-    let conf = alsa_config(dir.path(), &raw, 16_000, 1);
+    let conf = alsa_config(dir.path(), &raw);
     // The null slave is far faster than the dsp thread: a 100 ms ring must overflow.
     let running = alsa_hark(
         &conf,
@@ -96,7 +96,7 @@ fn a_missing_device_is_reported_and_retried_while_the_daemon_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("x.raw");
     write_raw(&raw, &[0; 320]);
-    let conf = alsa_config(dir.path(), &raw, 16_000, 1);
+    let conf = alsa_config(dir.path(), &raw);
     let running = alsa_hark(
         &conf,
         &dir.path().join("spool"),
@@ -133,7 +133,7 @@ fn devices_lists_capture_pcms_with_rates_and_channels() {
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("x.raw");
     write_raw(&raw, &[0; 320]);
-    let conf = alsa_config(dir.path(), &raw, 16_000, 1);
+    let conf = alsa_config(dir.path(), &raw);
     let out = hark()
         .arg("devices")
         .env("ALSA_CONFIG_PATH", &conf)

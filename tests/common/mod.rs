@@ -235,7 +235,7 @@ pub fn run_input(input: &Path, spool: &Path, extra: &[&str]) -> (Output, Vec<Val
 }
 
 /// An ALSA config with one PCM, `hark_test`, that captures `raw` (s16le) through the file plugin.
-pub fn alsa_config(dir: &Path, raw: &Path, rate: u32, channels: u32) -> PathBuf {
+pub fn alsa_config(dir: &Path, raw: &Path) -> PathBuf {
     let conf = dir.join("asound.conf");
     std::fs::write(
         &conf,
@@ -247,7 +247,6 @@ pub fn alsa_config(dir: &Path, raw: &Path, rate: u32, channels: u32) -> PathBuf 
         ),
     )
     .expect("write asound.conf");
-    let _ = (rate, channels);
     conf
 }
 
