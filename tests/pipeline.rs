@@ -189,26 +189,14 @@ fn stdin_and_a_48k_stereo_wav_give_the_same_utterances_as_the_16k_file() {
     // stdin: raw s16le 16 kHz mono through a pipe.
     let mut args = base_args(&dir.path().join("b"));
     args.extend(["-i".to_string(), "-".to_string()]);
-    let mut child = hark()
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    write_stdin(&mut child, &t.samples);
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_with_stdin(&refs, Some(le_bytes(&t.samples)));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let piped = utterances(&events(&out.stdout));
-    let spans = |u: &[(u64, u64, String, String)]| -> Vec<(u64, u64)> {
-        u.iter().map(|x| (x.0, x.1)).collect()
-    };
-    assert_eq!(spans(&piped), spans(&reference));
+    assert_eq!(spans(&utterances(&events(&out.stdout))), spans(&reference));
 
     // 48 kHz stereo, speech in the right channel only, left channel loud noise.
     require("sox", "sox");
@@ -310,32 +298,16 @@ fn a_wav_read_through_a_pipe_path_loses_nothing() {
     let (_, from_file) = run_input(&sample, &dir.path().join("a"), &[]);
     let mut args = base_args(&dir.path().join("b"));
     args.extend(["-i".to_string(), "/dev/stdin".to_string()]);
-    let mut child = hark()
-        .args(&args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let bytes = std::fs::read(&sample).unwrap();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let _ = stdin.write_all(&bytes);
-    });
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_with_stdin(&refs, Some(std::fs::read(&sample).unwrap()));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let spans = |u: Vec<(u64, u64, String, String)>| -> Vec<(u64, u64)> {
-        u.iter().map(|x| (x.0, x.1)).collect()
-    };
     assert_eq!(
-        spans(utterances(&events(&out.stdout))),
-        spans(utterances(&from_file))
+        spans(&utterances(&events(&out.stdout))),
+        spans(&utterances(&from_file))
     );
 }
 

@@ -86,8 +86,7 @@ pub fn read_raw(path: &Path) -> Vec<i16> {
 }
 
 pub fn write_raw(path: &Path, samples: &[i16]) {
-    let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-    std::fs::write(path, bytes).expect("write raw");
+    std::fs::write(path, le_bytes(samples)).expect("write raw");
 }
 
 pub fn write_wav(path: &Path, samples: &[i16], rate: u32, channels: u16) {
@@ -151,13 +150,27 @@ pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// Run hark to completion (killed and failed after [`RUN_LIMIT`]) and return its output.
 pub fn run(args: &[&str]) -> Output {
-    let child = hark()
+    run_with_stdin(args, None)
+}
+
+/// Like [`run`], with `input` written to hark's stdin (from another thread, then closed).
+pub fn run_with_stdin(args: &[&str], input: Option<Vec<u8>>) -> Output {
+    let mut child = hark()
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("hark runs");
+    let writer = input.map(|bytes| {
+        let mut stdin = child.stdin.take().expect("stdin");
+        // A broken pipe is hark's to report; the test checks its output.
+        std::thread::spawn(move || drop(stdin.write_all(&bytes)))
+    });
     let pid = child.id() as i32;
     let (tx, rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -172,11 +185,24 @@ pub fn run(args: &[&str]) -> Output {
     });
     let output = child.wait_with_output().expect("hark output");
     let _ = tx.send(());
+    if let Some(w) = writer {
+        w.join().expect("stdin writer");
+    }
     assert!(
         !watchdog.join().unwrap(),
         "hark {args:?} did not finish within {RUN_LIMIT:?}"
     );
     output
+}
+
+/// Raw s16le bytes of `samples`.
+pub fn le_bytes(samples: &[i16]) -> Vec<u8> {
+    samples.iter().flat_map(|s| s.to_le_bytes()).collect()
+}
+
+/// (offset_ms, duration_ms) of each utterance.
+pub fn spans(utts: &[(u64, u64, String, String)]) -> Vec<(u64, u64)> {
+    utts.iter().map(|u| (u.0, u.1)).collect()
 }
 
 /// Parse JSON lines.
