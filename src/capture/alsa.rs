@@ -65,8 +65,6 @@ pub struct AlsaSource {
     buf: Vec<i16>,
     actual_rate: u32,
     last_read: Option<Instant>,
-    /// Device xruns recovered so far (each is also an overrun gap).
-    pub xruns: u64,
 }
 
 impl AlsaSource {
@@ -88,7 +86,6 @@ impl AlsaSource {
             buf: Vec::new(),
             actual_rate: rate,
             last_read: None,
-            xruns: 0,
         }
     }
 
@@ -231,7 +228,6 @@ impl Source for AlsaSource {
                     });
                 }
                 let _ = pcm.start();
-                self.xruns += 1;
                 ring.mark_gap(self.lost_since_last_read().max(1));
                 self.last_read = Some(Instant::now());
                 Ok(Flow::Continue)

@@ -38,6 +38,7 @@ enum Reader {
 
 /// Reads a WAV or raw file, or stdin, into the ring.
 pub struct FileSource {
+    name: &'static str,
     label: String,
     path: String,
     reader: Reader,
@@ -113,7 +114,7 @@ impl FileSource {
                 bits: spec.bits_per_sample,
             };
             Self::new(
-                "file",
+                NAME,
                 shown,
                 reader,
                 spec.sample_rate,
@@ -123,7 +124,7 @@ impl FileSource {
             )
         } else {
             let reader = Reader::Raw(Box::new(BufReader::new(file)));
-            Self::new("file", shown, reader, SAMPLE_RATE, 1, channel, pace)
+            Self::new(NAME, shown, reader, SAMPLE_RATE, 1, channel, pace)
         }
     }
 
@@ -152,7 +153,7 @@ impl FileSource {
     }
 
     fn new(
-        label: &str,
+        name: &'static str,
         path: String,
         reader: Reader,
         rate: u32,
@@ -162,7 +163,8 @@ impl FileSource {
     ) -> Result<FileSource, CaptureError> {
         let period = (rate as usize * PERIOD_MS / 1000).max(1);
         Ok(FileSource {
-            label: format!("{label}:{path}"),
+            name,
+            label: format!("{name}:{path}"),
             path,
             converter: Converter::new(rate, channels, channel, period)?,
             reader,
@@ -245,11 +247,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 impl Source for FileSource {
     fn name(&self) -> &'static str {
-        if matches!(self.label.split(':').next(), Some(STDIN_NAME)) {
-            STDIN_NAME
-        } else {
-            NAME
-        }
+        self.name
     }
 
     fn describe(&self) -> String {

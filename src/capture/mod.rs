@@ -127,8 +127,6 @@ pub struct Shared {
     pub overruns: AtomicU64,
     /// Samples lost to overruns.
     pub lost_samples: AtomicU64,
-    /// Periods delivered; grows while capture makes progress.
-    pub periods: AtomicU64,
     /// Whether the source is open and delivering (false while a device is being reopened).
     pub capturing: AtomicBool,
     /// Set by a file source while it waits for room in the ring.
@@ -282,11 +280,6 @@ impl RingWriter {
             self.wake_consumer();
         }
         true
-    }
-
-    /// Count a delivered period (watchdog progress).
-    pub fn period_done(&self) {
-        self.shared.periods.fetch_add(1, Ordering::Relaxed);
     }
 
     fn wake_consumer(&self) {
@@ -614,7 +607,7 @@ pub fn spawn(
                         break Ok(Flow::Continue);
                     }
                     match source.read_period(&mut ring) {
-                        Ok(Flow::Continue) => ring.period_done(),
+                        Ok(Flow::Continue) => {}
                         other => break other,
                     }
                 };

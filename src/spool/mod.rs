@@ -210,9 +210,7 @@ impl Spool {
     pub fn discard(&self, part: Part) {
         let Part { path, file, .. } = part;
         drop(file);
-        if let Err(e) = fs::remove_file(&path) {
-            tracing::warn!("spool: cannot remove {}: {e}", path.display());
-        }
+        self.abandon(&path);
     }
 
     /// Remove a part file whose writer failed (disk full): it would never become an utterance.
