@@ -1,4 +1,4 @@
-//! The command line: `hark [run]`, `check-config`, `devices`. Parsing only; what each command does
+//! The command line: `hark [run]`, `upload`, `check-config`, `devices`. Parsing only; what each command does
 //! lives in [`crate::daemon`] and is decided in `main`.
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Voice-capture daemon: microphone → VAD → Ogg/Opus utterances → JSON events.
 #[derive(Debug, Parser)]
-#[command(name = "hark", version, about, args_conflicts_with_subcommands = true)]
+#[command(name = "hark", version, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -21,6 +21,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (the default).
     Run(RunArgs),
+    /// Upload every utterance waiting in the spool, emit the transcripts, and exit (1 when some
+    /// are still waiting because no endpoint answered, or failed for good).
+    Upload,
     /// Parse and validate a config; print the effective config with secrets redacted.
     CheckConfig {
         /// The config file (default: -c, else /etc/hark/hark.toml when it exists, else built-in).
@@ -64,6 +67,13 @@ pub struct RunArgs {
     /// Feed a file at real-time speed, as a microphone would.
     #[arg(long = "pace")]
     pub pace: bool,
+}
+
+impl RunArgs {
+    /// Whether any run flag was given (they mean nothing to the other subcommands).
+    pub fn any(&self) -> bool {
+        self.input.is_some() || self.device.is_some() || self.record_only || self.pace
+    }
 }
 
 impl GlobalArgs {

@@ -119,8 +119,8 @@ table!(TranscribeConfig {
     timeout_s: u32 = 60,
     ca_file: PathBuf = PathBuf::new(),
     allow_insecure_http: bool = false,
-    /// `""` or `"auto"`.
-    chunking_strategy: String = String::new(),
+    /// `""` (not sent), `"auto"`, or a `{ type = "server_vad", ... }` table.
+    chunking_strategy: Chunking = Chunking::Off,
     known_speakers: Vec<KnownSpeaker> = Vec::new(),
     fallback: Vec<FallbackEndpoint> = Vec::new(),
 });
@@ -182,6 +182,61 @@ keyword!(ResponseFormat {
 keyword!(Granularity { Word, Segment });
 keyword!(Include { Logprobs });
 keyword!(OutputFormat { Json, Text });
+
+/// `transcribe.chunking_strategy`: `""` (not sent), `"auto"`, or a server VAD table
+/// `{ type = "server_vad", prefix_padding_ms = 300, silence_duration_ms = 200, threshold = 0.5 }`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Chunking {
+    #[default]
+    Off,
+    Auto,
+    ServerVad(ServerVad),
+}
+
+table!(
+    /// The `chunking_strategy` table; only `type = "server_vad"` exists.
+    ServerVad {
+        #[serde(rename = "type")]
+        kind: String = "server_vad".into(),
+        prefix_padding_ms: Option<u32> = None,
+        silence_duration_ms: Option<u32> = None,
+        threshold: Option<f64> = None,
+    }
+);
+
+impl Serialize for Chunking {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Chunking::Off => s.serialize_str(""),
+            Chunking::Auto => s.serialize_str("auto"),
+            Chunking::ServerVad(v) => v.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Chunking {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Chunking;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#""", "auto" or a { type = "server_vad", ... } table"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Chunking, E> {
+                match v {
+                    "" => Ok(Chunking::Off),
+                    "auto" => Ok(Chunking::Auto),
+                    _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Chunking, A::Error> {
+                ServerVad::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(Chunking::ServerVad)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// Which capture channel feeds the VAD: `channel = 0` or `channel = "mix"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,7 +389,7 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
 }
 
 /// Hides the userinfo (`user:password@`) of a URL.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -531,9 +586,14 @@ impl Config {
         p.range("temperature", t.temperature, 0.0, 1.0);
         p.range("connect_timeout_s", t.connect_timeout_s, 1, 300);
         p.range("timeout_s", t.timeout_s, 1, 3600);
-        if !["", "auto"].contains(&t.chunking_strategy.as_str()) {
-            let msg = format!(r#"must be "" or "auto", got {:?}"#, t.chunking_strategy);
-            p.fail("chunking_strategy", msg);
+        if let Chunking::ServerVad(v) = &t.chunking_strategy {
+            if v.kind != "server_vad" {
+                let msg = format!(r#"must be "server_vad", got {:?}"#, v.kind);
+                p.fail("chunking_strategy.type", msg);
+            }
+            if let Some(th) = v.threshold {
+                p.range("chunking_strategy.threshold", th, 0.0, 1.0);
+            }
         }
         let speakers = t.known_speakers.len();
         p.bounded("known_speakers", speakers, (0, 4), " entries");

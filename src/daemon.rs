@@ -1,18 +1,18 @@
 //! Control: builds the stages from the config, runs them, handles signals and periodic status,
-//! and stops them in order (capture, dsp flush, sinks). Also the `devices` listing.
+//! and stops them in order (capture, dsp flush, upload, sinks). Also `upload` and `devices`.
 //!
 //! Nothing here prints to stdout or exits: results and errors go back to `main`.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::capture::alsa::{self, AlsaSource, DeviceInfo};
 use crate::capture::file::FileSource;
-use crate::capture::{CaptureError, SAMPLE_RATE, Source};
+use crate::capture::{CaptureError, SAMPLE_RATE, Shared, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, Source as SourceKind};
 
@@ -21,6 +21,7 @@ use crate::event::{EventKind, Events, State};
 use crate::pipeline::{DspConfig, Pipeline, Summary};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 use crate::spool::{Spool, SpoolError};
+use crate::transcribe::{self, OnState, Patience, Report, Setup, SetupError, Uploader};
 use crate::vad::segmenter::Settings;
 
 /// Errors that end a command. Each maps to an exit code in `main`.
@@ -38,6 +39,16 @@ pub enum DaemonError {
     /// The spool directory is unusable: exit 1.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// Transcription is misconfigured (keys, trust roots, speakers): exit 78.
+    #[error(transparent)]
+    Transcribe(#[from] SetupError),
+    /// `hark upload` left utterances behind: exit 1.
+    #[error(
+        "{} utterances failed for good (see spool/failed/), {} still wait in the spool",
+        .0.failed,
+        .0.waiting
+    )]
+    Incomplete(Report),
     /// A thread or the signal handler could not be started: exit 1.
     #[error("cannot start {what}: {source}")]
     Start {
@@ -50,7 +61,7 @@ impl DaemonError {
     /// The process exit code for this error (sysexits: 78 config, 69 unavailable).
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Config(_) => 78,
+            DaemonError::Config(_) | DaemonError::Transcribe(_) => 78,
             DaemonError::NoDevice(_) => 69,
             _ => 1,
         }
@@ -79,13 +90,72 @@ pub fn run_overrides(args: &RunArgs) -> Vec<String> {
 enum Control {
     Signal(i32),
     PipelineDone,
+    UploadDone,
 }
 
-/// Run the daemon until end of input or a stop signal. Returns what the dsp thread did.
-pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
-    let started = Instant::now();
-    let device = config.device_id();
+/// How long a stop signal leaves the upload in flight (and the last utterance) to finish.
+const UPLOAD_GRACE: Duration = Duration::from_secs(5);
 
+/// What `status` events report, shared by the control loop and the upload thread.
+struct Board {
+    started: Instant,
+    spool: Arc<Spool>,
+    events: Events,
+    capture: OnceLock<Arc<Shared>>,
+    upload_down: AtomicBool,
+}
+
+impl Board {
+    fn emit(&self) {
+        let (pending, bytes) = self.spool.usage();
+        let (capture_ok, overruns) = match self.capture.get() {
+            // A file that ended is not a fault; a device being reopened is.
+            Some(shared) => (
+                shared.capturing.load(Ordering::Acquire) || shared.finished.load(Ordering::Acquire),
+                shared.overruns.load(Ordering::Relaxed),
+            ),
+            None => (true, 0),
+        };
+        let state = if capture_ok && !self.upload_down.load(Ordering::Acquire) {
+            State::Online
+        } else {
+            State::Degraded
+        };
+        self.events.emit(EventKind::Status {
+            state,
+            overruns,
+            spool_pending: pending,
+            spool_bytes: bytes,
+            uptime_s: self.started.elapsed().as_secs(),
+        });
+    }
+
+    /// The upload thread's callback: record the transition and report it at once.
+    fn on_upload_state(board: &Arc<Board>) -> OnState {
+        let board = board.clone();
+        Box::new(move |down| {
+            board.upload_down.store(down, Ordering::Release);
+            board.emit();
+        })
+    }
+}
+
+/// The sinks and the handle that feeds them. Dropping it (also on an early error return) closes
+/// the queues first, so that each sink drains what it holds and ends at once.
+struct Sinks {
+    events: Events,
+    handles: Vec<SinkHandle>,
+}
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        self.events.close();
+        self.handles.clear();
+    }
+}
+
+/// Start the configured sinks.
+fn start_sinks(config: &Config) -> Result<Sinks, DaemonError> {
     let mut handles: Vec<SinkHandle> = Vec::new();
     let mut queues = Vec::new();
     if config.output.stdout {
@@ -97,52 +167,123 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         queues.push(queue);
         handles.push(handle);
     }
-    let events = Events::new(device, queues);
+    Ok(Sinks {
+        events: Events::new(config.device_id(), queues),
+        handles,
+    })
+}
 
+/// A thread that turns SIGTERM, SIGINT and SIGHUP into `Control::Signal` messages.
+struct SignalThread {
+    handle: signal_hook::iterator::Handle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SignalThread {
+    fn start(tx: Sender<Control>) -> Result<SignalThread, DaemonError> {
+        let signals =
+            signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|source| {
+                DaemonError::Start {
+                    what: "signal handling",
+                    source,
+                }
+            })?;
+        let handle = signals.handle();
+        let thread = std::thread::Builder::new()
+            .name("hark-signals".into())
+            .spawn(move || {
+                let mut signals = signals;
+                for sig in signals.forever() {
+                    if tx.send(Control::Signal(sig)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|source| DaemonError::Start {
+                what: "the signal thread",
+                source,
+            })?;
+        Ok(SignalThread {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for SignalThread {
+    fn drop(&mut self) {
+        self.handle.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Set up transcription for `hark run`: `None` records only (asked for, or no key for a cloud API).
+fn transcription(config: &Config, args: &RunArgs) -> Result<Option<Setup>, DaemonError> {
+    if args.record_only {
+        return Ok(None);
+    }
+    let setup = Setup::from_config(&config.transcribe)?;
+    if setup.is_none() {
+        tracing::warn!("{}", transcribe::no_key_hint(&config.transcribe));
+    }
+    Ok(setup)
+}
+
+/// Run the daemon until end of input (and every upload) or a stop signal. Returns what the dsp
+/// thread did.
+pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
+    let started = Instant::now();
+    let sinks = start_sinks(config)?;
+    let events = sinks.events.clone();
     let spool = Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?);
+    let setup = transcription(config, args)?;
     let (source, opened) = open_source(config, args)?;
     let label = source.describe();
-    if args.record_only {
-        tracing::info!("record-only: utterances stay in {}", spool.dir().display());
-    } else {
-        tracing::info!(
-            "transcription is not part of this build yet; utterances stay in {}",
-            spool.dir().display()
-        );
-    }
+    let board = Arc::new(Board {
+        started,
+        spool: spool.clone(),
+        events: events.clone(),
+        capture: OnceLock::new(),
+        upload_down: AtomicBool::new(false),
+    });
 
     let (tx, rx) = mpsc::channel();
-    let signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|source| {
-            DaemonError::Start {
-                what: "signal handling",
-                source,
-            }
-        })?;
-    let signal_handle = signals.handle();
-    let signal_tx = tx.clone();
-    let signal_thread = std::thread::Builder::new()
-        .name("hark-signals".into())
-        .spawn(move || {
-            let mut signals = signals;
-            for sig in signals.forever() {
-                if signal_tx.send(Control::Signal(sig)).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|source| DaemonError::Start {
-            what: "the signal thread",
-            source,
-        })?;
+    let signals = SignalThread::start(tx.clone())?;
+    let uploader = match setup {
+        Some(setup) => {
+            let endpoint = &setup.endpoints[0];
+            tracing::info!("transcribing with {} ({})", endpoint.shown, endpoint.model);
+            Some(
+                Uploader::start(
+                    setup,
+                    spool.clone(),
+                    events.clone(),
+                    Patience::Forever,
+                    config.spool.keep_audio,
+                    Board::on_upload_state(&board),
+                    (tx.clone(), Control::UploadDone),
+                )
+                .map_err(DaemonError::Spool)?,
+            )
+        }
+        None => {
+            tracing::info!("record-only: utterances stay in {}", spool.dir().display());
+            None
+        }
+    };
 
     let ring_samples = u64::from(config.capture.ring_ms) * u64::from(SAMPLE_RATE) / 1000;
     let ring_samples = usize::try_from(ring_samples).unwrap_or(usize::MAX).max(1);
+    let mut dsp = dsp_config(config, label);
+    dsp.uploads = uploader.as_ref().map(Uploader::submitter);
+    dsp.announce_audio = uploader.is_none() || config.spool.keep_audio;
     let pipeline = Pipeline::start(
         source,
         opened,
         ring_samples,
-        dsp_config(config, label),
+        dsp,
         spool.clone(),
         events.clone(),
         (tx, Control::PipelineDone),
@@ -151,53 +292,64 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         what: "the capture and dsp threads",
         source,
     })?;
-
-    let status = |events: &Events| {
-        let shared = pipeline.shared();
-        let (pending, bytes) = spool.usage();
-        events.emit(EventKind::Status {
-            // A file that ended is not a fault; a device being reopened is.
-            state: if shared.capturing.load(Ordering::Acquire)
-                || shared.finished.load(Ordering::Acquire)
-            {
-                State::Online
-            } else {
-                State::Degraded
-            },
-            overruns: shared.overruns.load(Ordering::Relaxed),
-            spool_pending: pending,
-            spool_bytes: bytes,
-            uptime_s: started.elapsed().as_secs(),
-        });
-    };
+    let _ = board.capture.set(pipeline.shared().clone());
 
     let every = match config.output.status_interval_s {
         0 => Duration::from_secs(365 * 24 * 3600),
         s => Duration::from_secs(u64::from(s)),
     };
     let mut next_status = Instant::now() + every;
-    let mut stopping = false;
-    loop {
-        let wait = next_status.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
+    let mut stop_by: Option<Instant> = None;
+    let mut pipeline_done = false;
+    let mut upload_done = uploader.is_none();
+    while !(pipeline_done && upload_done) {
+        let mut wake = next_status;
+        if let Some(deadline) = stop_by {
+            if pipeline_done && Instant::now() >= deadline {
+                tracing::warn!(
+                    "the upload in flight did not finish in time; it stays in the spool"
+                );
+                break;
+            }
+            wake = wake.min(deadline);
+        }
+        match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(Control::Signal(SIGHUP)) => {
                 tracing::info!("SIGHUP: reloading the config is not supported yet; ignored");
             }
             Ok(Control::Signal(sig)) => {
-                if !stopping {
+                if stop_by.is_none() {
                     tracing::info!("signal {sig}: closing the open utterance and stopping");
                     pipeline.stop();
-                    stopping = true;
+                    stop_by = Some(Instant::now() + UPLOAD_GRACE);
+                } else {
+                    // A second signal: stop now.
+                    stop_by = Some(Instant::now());
+                }
+                if let (true, Some(u), Some(deadline)) = (pipeline_done, &uploader, stop_by) {
+                    u.stop(deadline);
                 }
             }
-            Ok(Control::PipelineDone) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(Control::PipelineDone) => {
+                pipeline_done = true;
+                if let Some(u) = &uploader {
+                    match stop_by {
+                        Some(deadline) => u.stop(deadline),
+                        None => u.finish(),
+                    }
+                }
+            }
+            Ok(Control::UploadDone) => upload_done = true,
+            Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
-                status(&events);
-                next_status = Instant::now() + every;
+                if Instant::now() >= next_status {
+                    board.emit();
+                    next_status = Instant::now() + every;
+                }
             }
         }
     }
-    status(&events);
+    board.emit();
     let shared = pipeline.shared().clone();
     let summary = pipeline.join();
     let fatal = shared
@@ -205,21 +357,123 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .take();
-    signal_handle.close();
-    let _ = signal_thread.join();
+    drop(signals);
     tracing::info!(
         "done: {} utterances kept, {} dropped, {:.1} s of audio",
         summary.utterances,
         summary.dropped,
         summary.samples as f64 / f64::from(SAMPLE_RATE)
     );
-    events.close();
-    drop(handles);
+    let mut failed = Report::default();
+    if let Some(u) = uploader {
+        if upload_done {
+            let r = u.join();
+            tracing::info!(
+                "uploads: {} transcribed, {} failed, {} waiting in the spool",
+                r.transcribed,
+                r.failed,
+                r.waiting
+            );
+            failed.failed = r.failed;
+        } else {
+            u.detach();
+        }
+    }
+    drop(sinks);
     match fatal {
         // The input broke off (a truncated file): what came before is spooled, but say so.
         Some(e) => Err(DaemonError::Capture(e)),
+        // Utterances that failed for good: the run did not do its job for them.
+        None if failed.failed > 0 => Err(DaemonError::Incomplete(failed)),
         None => Ok(summary),
     }
+}
+
+/// `hark upload`: transcribe everything waiting in the spool, oldest first, and exit. When no
+/// endpoint answers, the rest stays in the spool for the next try.
+pub fn upload(config: &Config) -> Result<Report, DaemonError> {
+    let sinks = start_sinks(config)?;
+    let events = sinks.events.clone();
+    let spool = Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?);
+    let Some(setup) = Setup::from_config(&config.transcribe)? else {
+        return Err(DaemonError::Transcribe(SetupError::NoKey {
+            endpoint: crate::config::redact_url(&config.transcribe.endpoint),
+            env: config.transcribe.api_key_env.clone(),
+        }));
+    };
+    let board = Arc::new(Board {
+        started: Instant::now(),
+        spool: spool.clone(),
+        events: events.clone(),
+        capture: OnceLock::new(),
+        upload_down: AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::channel();
+    let signals = SignalThread::start(tx.clone())?;
+    let (pending, _) = spool.usage();
+    tracing::info!(
+        "uploading {pending} utterances from {}",
+        spool.dir().display()
+    );
+    let uploader = Uploader::start(
+        setup,
+        spool.clone(),
+        events.clone(),
+        Patience::GiveUp,
+        config.spool.keep_audio,
+        Board::on_upload_state(&board),
+        (tx, Control::UploadDone),
+    )
+    .map_err(DaemonError::Spool)?;
+    uploader.finish();
+    let mut stop_by: Option<Instant> = None;
+    let mut done = false;
+    loop {
+        let wait = stop_by.map_or(Duration::from_secs(3600), |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Control::UploadDone) => {
+                done = true;
+                break;
+            }
+            Ok(Control::Signal(SIGHUP)) | Ok(Control::PipelineDone) => {}
+            Ok(Control::Signal(sig)) => {
+                tracing::info!("signal {sig}: stopping the upload");
+                let deadline = match stop_by {
+                    Some(_) => Instant::now(),
+                    None => Instant::now() + UPLOAD_GRACE,
+                };
+                stop_by = Some(deadline);
+                uploader.stop(deadline);
+            }
+            Err(RecvTimeoutError::Timeout) if stop_by.is_some() => break,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    drop(signals);
+    board.emit();
+    let report = if done {
+        uploader.join()
+    } else {
+        uploader.detach();
+        Report {
+            waiting: spool.usage().0,
+            ..Report::default()
+        }
+    };
+    tracing::info!(
+        "{} transcribed, {} failed, {} waiting in the spool",
+        report.transcribed,
+        report.failed,
+        report.waiting
+    );
+    drop(sinks);
+    if report.failed > 0 || report.waiting > 0 {
+        return Err(DaemonError::Incomplete(report));
+    }
+    Ok(report)
 }
 
 /// Open the configured source. A file that cannot be read is an error now; a device that cannot
@@ -261,6 +515,8 @@ fn dsp_config(config: &Config, source: String) -> DspConfig {
             complexity: config.encode.complexity as i32,
         },
         source,
+        uploads: None,
+        announce_audio: true,
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::sink::SinkQueue;
+use crate::transcribe::response::{Segment, Word};
 
 /// Why an utterance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -51,6 +52,18 @@ pub enum Stage {
     Spool,
 }
 
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Capture => "capture",
+            Stage::Upload => "upload",
+            Stage::Sink => "sink",
+            Stage::Config => "config",
+            Stage::Spool => "spool",
+        }
+    }
+}
+
 /// The daemon's health as reported in `status` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,6 +88,33 @@ pub enum EventKind {
         reason: EndReason,
         #[serde(skip_serializing_if = "Option::is_none")]
         audio: Option<String>,
+    },
+    Transcript {
+        utterance: String,
+        offset_ms: u64,
+        text: String,
+        duration_ms: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        language: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        segments: Vec<Segment>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        words: Vec<Word>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        logprobs: Option<serde_json::Value>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        usage: Option<serde_json::Value>,
+        model: String,
+        /// The endpoint's base URL, userinfo redacted.
+        endpoint: String,
+        attempts: u32,
+        /// From the end of speech (the `speech_end` event) to this event.
+        latency_ms: u64,
+    },
+    TranscriptDelta {
+        utterance: String,
+        offset_ms: u64,
+        delta: String,
     },
     Dropped {
         utterance: String,
@@ -103,6 +143,8 @@ impl EventKind {
         match self {
             EventKind::SpeechStart { .. } => "speech_start",
             EventKind::SpeechEnd { .. } => "speech_end",
+            EventKind::Transcript { .. } => "transcript",
+            EventKind::TranscriptDelta { .. } => "transcript_delta",
             EventKind::Dropped { .. } => "dropped",
             EventKind::Error { .. } => "error",
             EventKind::Status { .. } => "status",
@@ -182,10 +224,14 @@ impl Events {
                 return;
             }
         };
+        let text = match &kind {
+            EventKind::Transcript { text, .. } => Some(Arc::from(text.as_str())),
+            _ => None,
+        };
         let line = Line {
             kind: kind.name(),
             json: json.into(),
-            text: None,
+            text,
         };
         for queue in queues.iter_mut() {
             queue.offer(&line);

@@ -21,4 +21,5 @@ pub mod event;
 pub mod pipeline;
 pub mod sink;
 pub mod spool;
+pub mod transcribe;
 pub mod vad;

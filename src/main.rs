@@ -1,12 +1,21 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use hark::cli::{Cli, Command};
 use hark::config::Config;
 use hark::daemon::{self, DaemonError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, None | Some(Command::Run(_))) && cli.run.any() {
+        // `hark -i x.wav devices`: the run flags would be silently ignored.
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "-i, -d, --record-only and --pace belong to `hark run`, not to this subcommand",
+            )
+            .exit();
+    }
     init_logging(cli.global.verbose, cli.global.quiet);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -25,6 +34,10 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
             let config = Config::load(path.as_deref(), &global.set)?;
             print!("{}", config.to_redacted_toml());
             Ok(())
+        }
+        Some(Command::Upload) => {
+            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
+            daemon::upload(&config).map(|_| ())
         }
         Some(Command::Devices { device }) => {
             print!("{}", daemon::devices(device.as_deref())?);

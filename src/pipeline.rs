@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::capture::{self, CaptureHandle, Chunk, RingReader, SAMPLE_RATE, Shared, Source};
 use crate::encode::{EncodeSettings, OggOpusWriter};
 use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
 use crate::spool::{Part, Spool, UtteranceMeta};
+use crate::transcribe::Submitter;
 use crate::vad::segmenter::{Closed, Segmenter, Settings};
 use crate::vad::{self, Vad};
 
@@ -25,6 +26,10 @@ pub struct DspConfig {
     pub encode: EncodeSettings,
     /// Source description for the utterance metadata.
     pub source: String,
+    /// Where finished utterances go for upload; `None` records only.
+    pub uploads: Option<Submitter>,
+    /// Whether `speech_end` names the audio file (it is kept: record-only or `spool.keep_audio`).
+    pub announce_audio: bool,
 }
 
 /// Counts of what the dsp thread did.
@@ -452,7 +457,7 @@ impl Dsp {
                     audio: format!("{}.ogg", utt.id),
                 };
                 match self.spool.commit(part, &meta) {
-                    Ok(entry) => Some(entry.audio.display().to_string()),
+                    Ok(entry) => Some(entry),
                     Err(e) => {
                         if let Some(path) = &utt.part {
                             self.spool.abandon(path);
@@ -472,13 +477,21 @@ impl Dsp {
             None => None,
         };
         self.summary.utterances += 1;
+        let path = audio
+            .as_ref()
+            .filter(|_| self.config.announce_audio)
+            .map(|e| e.audio.display().to_string());
         self.events.emit(EventKind::SpeechEnd {
             utterance: utt.id,
             offset_ms,
             duration_ms,
             reason: closed.reason,
-            audio,
+            audio: path,
         });
+        // After `speech_end`, so that its transcript can only come later.
+        if let (Some(entry), Some(uploads)) = (audio, &self.config.uploads) {
+            uploads.submit(entry, Instant::now());
+        }
         for meta in self.spool.enforce_cap() {
             self.events.emit(EventKind::Dropped {
                 utterance: meta.utterance,

@@ -1,5 +1,6 @@
 //! Encoding captured utterances to Ogg/Opus files.
 
+pub mod decode;
 pub mod ogg;
 pub mod opus;
 

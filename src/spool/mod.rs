@@ -273,6 +273,40 @@ impl Spool {
         Ok(())
     }
 
+    /// Move an utterance out of the queue into the subdirectory `sub` (`failed`, `done`), audio
+    /// first: a crash in between leaves metadata whose audio is missing, which the uploader
+    /// reports instead of uploading. Returns the audio's new path.
+    pub fn move_to(&self, entry: &Entry, sub: &str) -> Result<PathBuf, SpoolError> {
+        let dir = self.dir.join(sub);
+        fs::create_dir_all(&dir).map_err(|source| SpoolError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut audio = PathBuf::new();
+        for path in [&entry.audio, &entry.meta] {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let to = dir.join(name);
+            match fs::rename(path, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound && path == &entry.audio => {}
+                Err(source) => {
+                    return Err(SpoolError::File {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+            if path == &entry.audio {
+                audio = to;
+            }
+        }
+        self.account(-1, -(entry.bytes as i64));
+        let _ = self.sync_dir();
+        Ok(audio)
+    }
+
     /// Delete the oldest utterances until the spool fits `max_bytes`; returns what was deleted.
     /// Scans the directory only when the running total is over the cap.
     pub fn enforce_cap(&self) -> Vec<UtteranceMeta> {
@@ -329,7 +363,7 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// A random 32-bit value from the standard library's per-process hash seed.
-fn random_u32() -> u32 {
+pub fn random_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -13,9 +13,24 @@ use serde_json::Value;
 
 pub const RATE: u32 = 16_000;
 
+pub mod server;
+
 pub fn hark() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hark"));
     cmd.env_remove("RUST_LOG");
+    // Hermetic: no key or proxy from the machine running the tests.
+    for var in [
+        "OPENAI_API_KEY",
+        "CREDENTIALS_DIRECTORY",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        cmd.env_remove(var);
+    }
     cmd
 }
 
@@ -153,10 +168,20 @@ pub fn run(args: &[&str]) -> Output {
     run_with_stdin(args, None)
 }
 
+/// Like [`run`], with these environment variables set.
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_full(args, None, env)
+}
+
 /// Like [`run`], with `input` written to hark's stdin (from another thread, then closed).
 pub fn run_with_stdin(args: &[&str], input: Option<Vec<u8>>) -> Output {
+    run_full(args, input, &[])
+}
+
+fn run_full(args: &[&str], input: Option<Vec<u8>>, env: &[(&str, &str)]) -> Output {
     let mut child = hark()
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {

@@ -1,0 +1,534 @@
+//! The HTTP side of transcription: a blocking `ureq` agent with rustls, the endpoints it talks to
+//! (URL, model, key, how the key is sent), and one attempt = one POST whose answer is read into a
+//! [`Transcript`] or a classified [`Failure`].
+//!
+//! Deliberately not here: retries, fallback, the spool, events. Keys live in [`Secret`], whose
+//! `Debug` prints `***`, and are scrubbed from anything a server echoes back.
+
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+
+use super::response::{self, ApiError, MAX_BODY, Transcript};
+use super::retry::{self, RetryHeaders, Verdict};
+use super::sse::{Stream, StreamError};
+use crate::config::ResponseFormat;
+
+/// An API key. Never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(key: String) -> Secret {
+        Secret(key)
+    }
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// How an endpoint wants its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Auth {
+    /// `Authorization: Bearer KEY` (OpenAI, Groq, speaches, vLLM, LocalAI).
+    Bearer,
+    /// `api-key: KEY` (Azure OpenAI).
+    ApiKey,
+}
+
+/// One transcription endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The full request URL: base + `/audio/transcriptions`, query kept.
+    pub url: String,
+    /// The base URL as configured, with any userinfo replaced by `***`: safe for events.
+    pub shown: String,
+    pub model: String,
+    key: Option<Secret>,
+    auth: Auth,
+    /// Set once the endpoint has rejected Ogg/Opus: it gets WAV from then on.
+    wav: AtomicBool,
+}
+
+impl Endpoint {
+    pub fn new(base: &str, model: String, key: Option<Secret>) -> Endpoint {
+        let (path, query) = match base.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (base, None),
+        };
+        let path = path.trim_end_matches('/');
+        // A base that already names the route (whisper.cpp's `/inference`) is used as it is.
+        let mut url = if path.ends_with("/audio/transcriptions") || path.ends_with("/inference") {
+            path.to_owned()
+        } else {
+            format!("{path}/audio/transcriptions")
+        };
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        let host = host_of(base).to_ascii_lowercase();
+        let azure = path.contains("/openai/deployments/")
+            || host.ends_with(".openai.azure.com")
+            || host.ends_with(".cognitiveservices.azure.com");
+        Endpoint {
+            url,
+            shown: crate::config::redact_url(base),
+            model,
+            key,
+            auth: if azure { Auth::ApiKey } else { Auth::Bearer },
+            wav: AtomicBool::new(false),
+        }
+    }
+
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    pub fn auth(&self) -> Auth {
+        self.auth
+    }
+
+    /// Whether this endpoint gets WAV instead of Ogg/Opus.
+    pub fn wants_wav(&self) -> bool {
+        self.wav.load(Ordering::Relaxed)
+    }
+
+    pub fn remember_wav(&self) {
+        self.wav.store(true, Ordering::Relaxed);
+    }
+
+    /// `text` with this endpoint's key (if a server echoed it) replaced by `***`.
+    pub fn scrub(&self, text: &str) -> String {
+        match &self.key {
+            Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "***"),
+            _ => text.to_owned(),
+        }
+    }
+}
+
+/// Whether a URL's host is a loopback address, where a key over plain HTTP never leaves the machine.
+pub fn is_loopback(url: &str) -> bool {
+    let host = host_of(url);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host part of an `http(s)://` URL (without userinfo and port).
+fn host_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = hostport.strip_prefix('[') {
+        return v6
+            .split(']')
+            .next()
+            .map_or(hostport, |h| &hostport[..h.len() + 2]);
+    }
+    hostport.split(':').next().unwrap_or("")
+}
+
+/// Why the client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("transcribe.ca_file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("transcribe.ca_file {path}: no PEM certificate in it")]
+    Empty { path: String },
+}
+
+/// The audio of one attempt.
+pub struct Upload<'a> {
+    pub id: &'a str,
+    pub bytes: &'a [u8],
+    pub wav: bool,
+}
+
+/// What one attempt ended with when it did not give a transcript.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The server answered with an error status.
+    Status {
+        status: u16,
+        error: ApiError,
+        verdict: Verdict,
+    },
+    /// No usable answer: connection refused or reset, TLS, timeout, a malformed or oversized body.
+    Transport { code: &'static str, message: String },
+}
+
+impl Failure {
+    pub fn verdict(&self) -> Verdict {
+        match self {
+            Failure::Status { verdict, .. } => *verdict,
+            Failure::Transport { .. } => Verdict::Retry { after: None },
+        }
+    }
+
+    /// A short machine-readable code for `error` events.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Failure::Status { status, error, .. } => match (status, error.code.as_deref()) {
+                (400, Some("audio_too_short")) => "audio_too_short",
+                (429, Some("insufficient_quota")) => "insufficient_quota",
+                (400, _) => "bad_request",
+                (401, _) => "unauthorized",
+                (403, _) => "forbidden",
+                (404, _) => "not_found",
+                (408, _) => "request_timeout",
+                (409, _) => "conflict",
+                (413, _) => "too_large",
+                (415, _) => "unsupported_media_type",
+                (422, _) => "unprocessable",
+                (429, _) => "rate_limited",
+                (s, _) if *s >= 500 => "server_error",
+                _ => "http_error",
+            },
+            Failure::Transport { code, .. } => code,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Status { status, error, .. } => {
+                write!(f, "HTTP {status}: {}", error.message)?;
+                if let Some(code) = &error.code {
+                    write!(f, " (code {code})")?;
+                }
+                Ok(())
+            }
+            Failure::Transport { message, .. } => f.write_str(message),
+        }
+    }
+}
+
+/// The request fields other than `file` and `model`, in SDK encoding.
+#[derive(Debug, Clone, Default)]
+pub struct Fields {
+    pub parts: Vec<(String, String)>,
+    pub format: Option<ResponseFormat>,
+    pub stream: bool,
+}
+
+/// A blocking HTTPS client shared by every endpoint.
+pub struct Client {
+    agent: ureq::Agent,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Trust Mozilla's roots (webpki) and the system store, plus `ca_file` when given.
+    pub fn new(
+        connect_timeout: Duration,
+        timeout: Duration,
+        ca_file: Option<&Path>,
+    ) -> Result<Client, TlsSetupError> {
+        let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+            .collect();
+        let native = rustls_native_certs::load_native_certs();
+        roots.extend(
+            native
+                .certs
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
+        );
+        if let Some(path) = ca_file {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            let before = roots.len();
+            for item in ureq::tls::parse_pem(&pem).flatten() {
+                if let ureq::tls::PemItem::Certificate(c) = item {
+                    roots.push(c);
+                }
+            }
+            if roots.len() == before {
+                return Err(TlsSetupError::Empty { path: shown });
+            }
+        }
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::new_with_certs(&roots))
+            .build();
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .timeout_connect(Some(connect_timeout))
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .user_agent(concat!("hark/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Ok(Client { agent, timeout })
+    }
+
+    /// One POST. `deadline` shortens the timeout (shutdown); `on_delta` gets streamed text.
+    pub fn transcribe(
+        &self,
+        ep: &Endpoint,
+        fields: &Fields,
+        audio: &Upload<'_>,
+        deadline: Option<Instant>,
+        on_delta: &mut dyn FnMut(&str),
+    ) -> Result<Transcript, Failure> {
+        let mut form = super::multipart::Form::new();
+        let (name, mime) = if audio.wav {
+            (format!("{}.wav", audio.id), "audio/wav")
+        } else {
+            (format!("{}.ogg", audio.id), "audio/ogg")
+        };
+        form.file("file", &name, mime, audio.bytes);
+        form.text("model", &ep.model);
+        for (k, v) in &fields.parts {
+            form.text(k, v);
+        }
+        let (content_type, body) = form.finish();
+
+        let mut timeout = self.timeout;
+        if let Some(d) = deadline {
+            timeout = timeout.min(d.saturating_duration_since(Instant::now()));
+        }
+        let accept = if fields.stream {
+            "text/event-stream, application/json"
+        } else {
+            "application/json, text/plain, */*"
+        };
+        let mut req = self
+            .agent
+            .post(&ep.url)
+            .header("Content-Type", &content_type)
+            .header("Accept", accept);
+        if let Some(key) = &ep.key {
+            req = match ep.auth {
+                Auth::Bearer => req.header("Authorization", format!("Bearer {}", key.expose())),
+                Auth::ApiKey => req.header("api-key", key.expose()),
+            };
+        }
+        let req = req
+            .config()
+            .timeout_global(Some(timeout.max(Duration::from_millis(1))))
+            .build();
+        let mut resp = req.send(&body[..]).map_err(|e| transport(ep, &e))?;
+
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header("content-type");
+        if !(200..300).contains(&status) {
+            let should_retry = header("x-should-retry");
+            let retry_after_ms = header("retry-after-ms");
+            let retry_after = header("retry-after");
+            let body = resp
+                .body_mut()
+                .with_config()
+                .limit(64 << 10)
+                .read_to_vec()
+                .unwrap_or_default();
+            let mut error = response::parse_error(&body);
+            error.message = ep.scrub(&error.message);
+            let headers = RetryHeaders {
+                should_retry: should_retry.as_deref(),
+                retry_after_ms: retry_after_ms.as_deref(),
+                retry_after: retry_after.as_deref(),
+            };
+            let verdict = retry::classify_status(
+                status,
+                &headers,
+                error.code.as_deref(),
+                &error.message,
+                SystemTime::now(),
+            );
+            return Err(Failure::Status {
+                status,
+                error,
+                verdict,
+            });
+        }
+
+        let is_sse = content_type
+            .as_deref()
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let bad = |message: String| Failure::Transport {
+            code: "bad_response",
+            message: ep.scrub(&message),
+        };
+        if is_sse {
+            let mut stream = Stream::new();
+            let mut reader = resp.body_mut().with_config().limit(MAX_BODY).reader();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => return Err(io_failure(ep, &e)),
+                };
+                stream
+                    .feed(&buf[..n], on_delta)
+                    .map_err(|e| stream_failure(ep, e))?;
+            }
+            return stream.finish().map_err(|e| stream_failure(ep, e));
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_vec()
+            .map_err(|e| transport(ep, &e))?;
+        let format = fields.format.unwrap_or(ResponseFormat::Json);
+        response::parse_body(content_type.as_deref(), format, &body).map_err(|e| bad(e.0))
+    }
+}
+
+fn stream_failure(ep: &Endpoint, e: StreamError) -> Failure {
+    match e {
+        // An error event inside a 200 stream: the server's own failure, worth another try.
+        StreamError::Api(mut error) => {
+            error.message = ep.scrub(&error.message);
+            Failure::Status {
+                status: 500,
+                error,
+                verdict: Verdict::Retry { after: None },
+            }
+        }
+        StreamError::Bad(message) => Failure::Transport {
+            code: "bad_response",
+            message: ep.scrub(&message),
+        },
+    }
+}
+
+fn io_failure(ep: &Endpoint, e: &std::io::Error) -> Failure {
+    // ureq wraps its own errors (timeouts, limits) in io::Error while a body is read.
+    let code = match e.kind() {
+        std::io::ErrorKind::TimedOut => "timeout",
+        std::io::ErrorKind::InvalidData => "bad_response",
+        _ => "connection",
+    };
+    Failure::Transport {
+        code,
+        message: ep.scrub(&format!("reading the response: {e}")),
+    }
+}
+
+/// Whether an I/O error is rustls refusing the handshake (ureq passes those on as I/O errors).
+fn is_tls(e: &std::io::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(c) = cause {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    // Wrapped in a type this crate cannot name: fall back on what it says.
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("certificate") || text.contains("handshake")
+}
+
+fn transport(ep: &Endpoint, e: &ureq::Error) -> Failure {
+    use ureq::Error as E;
+    let code = match e {
+        E::Timeout(_) => "timeout",
+        E::HostNotFound => "dns",
+        E::ConnectionFailed => "connection",
+        E::Tls(_) | E::Rustls(_) | E::Pem(_) => "tls",
+        E::BodyExceedsLimit(_) => "bad_response",
+        E::Protocol(_) | E::LargeResponseHeader(..) | E::Decompress(..) => "bad_response",
+        E::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => "timeout",
+        E::Io(io) if is_tls(io) => "tls",
+        _ => "connection",
+    };
+    let detail = match e {
+        E::BodyExceedsLimit(limit) => format!("response body larger than {limit} bytes"),
+        E::Io(io) => format!("{code}: {io}"),
+        _ => format!("{e}"),
+    };
+    Failure::Transport {
+        code,
+        message: ep.scrub(&detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_route_is_appended_before_the_query() {
+        let ep = Endpoint::new("https://api.openai.com/v1", "m".into(), None);
+        assert_eq!(ep.url, "https://api.openai.com/v1/audio/transcriptions");
+        assert_eq!(ep.auth(), Auth::Bearer);
+        let azure = Endpoint::new(
+            "https://res.openai.azure.com/openai/deployments/whisper?api-version=2024-06-01",
+            "whisper".into(),
+            None,
+        );
+        assert_eq!(
+            azure.url,
+            "https://res.openai.azure.com/openai/deployments/whisper/audio/transcriptions?api-version=2024-06-01"
+        );
+        assert_eq!(azure.auth(), Auth::ApiKey);
+        let wcpp = Endpoint::new("http://10.0.0.5:8080/inference", "m".into(), None);
+        assert_eq!(wcpp.url, "http://10.0.0.5:8080/inference");
+        let slash = Endpoint::new("http://h:8000/v1/", "m".into(), None);
+        assert_eq!(slash.url, "http://h:8000/v1/audio/transcriptions");
+    }
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for url in [
+            "http://127.0.0.1:8000/v1",
+            "http://127.3.4.5/v1",
+            "http://localhost/v1",
+            "http://[::1]:9000/v1",
+            "http://user:pw@127.0.0.1/v1",
+        ] {
+            assert!(is_loopback(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1/v1",
+            "http://example.com/v1",
+            "http://127.0.0.1.example.com/v1",
+            "http://[fe80::1]/v1",
+        ] {
+            assert!(!is_loopback(url), "{url}");
+        }
+    }
+
+    #[test]
+    fn keys_are_never_printed_and_are_scrubbed_from_echoes() {
+        let key = Secret::new("sk-test-123456".into());
+        assert_eq!(format!("{key:?}"), "***");
+        let ep = Endpoint::new("https://h/v1", "m".into(), Some(key));
+        assert!(!format!("{ep:?}").contains("sk-test"));
+        assert_eq!(
+            ep.scrub("Incorrect API key provided: sk-test-123456."),
+            "Incorrect API key provided: ***."
+        );
+    }
+}

@@ -1,0 +1,810 @@
+//! Upload: one thread works through the spool, oldest utterance first, posting each to the
+//! configured endpoints with the SDKs' retry policy and ordered fallback, and emits its transcript.
+//!
+//! The spool is the queue. An utterance leaves it only after its `transcript` event has been
+//! handed to the sinks (then it is deleted, or moved to `done/` with `spool.keep_audio`), or after
+//! every endpoint refused it for good (moved to `failed/`, with an `error` event). While every
+//! endpoint is down the thread keeps trying with a capped backoff and reports `degraded`; nothing
+//! is lost meanwhile, because nothing leaves the spool. Deliberately not here: HTTP details
+//! (`client`), the policy itself (`retry`), body parsing (`response`, `sse`).
+
+pub mod client;
+pub mod multipart;
+pub mod response;
+pub mod retry;
+pub mod sse;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine as _;
+
+use crate::config::{Chunking, ResponseFormat, TranscribeConfig};
+use crate::encode::decode;
+use crate::event::{DropReason, EventKind, Events, Stage};
+use crate::spool::{self, Entry, Spool};
+use client::{Client, Endpoint, Fields, Secret, Upload};
+use retry::Verdict;
+
+/// Utterances shorter than this are never sent: every API answers 400 `audio_too_short`.
+const MIN_DURATION_MS: u64 = 100;
+
+/// Hosts that always need a key: without one, hark records only.
+const KEYED_HOSTS: [&str; 4] = [
+    "api.openai.com",
+    "api.groq.com",
+    ".openai.azure.com",
+    ".cognitiveservices.azure.com",
+];
+
+/// Why transcription cannot be set up. All of them are configuration problems (exit 78).
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(
+        "no API key for {endpoint}: set ${env}, or transcribe.api_key_file, or run under systemd with LoadCredential=api_key"
+    )]
+    NoKey { endpoint: String, env: String },
+    #[error("{key} {path}: {source}")]
+    KeyFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{key} {path}: the file is empty")]
+    EmptyKeyFile { key: String, path: PathBuf },
+    #[error(
+        "refusing to send the API key over plain http to {endpoint} (not a loopback address): use https://, or set transcribe.allow_insecure_http = true on a network you trust"
+    )]
+    Insecure { endpoint: String },
+    #[error(transparent)]
+    Tls(#[from] client::TlsSetupError),
+    #[error("transcribe.known_speakers[{index}].audio {path}: {why}")]
+    Speaker {
+        index: usize,
+        path: PathBuf,
+        why: String,
+    },
+}
+
+/// Everything the upload thread needs, built from `[transcribe]` before any thread starts.
+pub struct Setup {
+    pub client: Client,
+    pub endpoints: Vec<Endpoint>,
+    pub fields: Fields,
+}
+
+impl Setup {
+    /// Resolve keys, check where they may be sent, load trust roots and speaker references.
+    /// `Ok(None)`: the primary endpoint needs a key and there is none (hark records only).
+    pub fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
+        let primary_key = resolve_key(
+            "transcribe.api_key_file",
+            &t.api_key_file,
+            &t.api_key_env,
+            true,
+        )?;
+        if primary_key.is_none() && needs_key(&t.endpoint) {
+            return Ok(None);
+        }
+        let mut endpoints = vec![Endpoint::new(
+            &t.endpoint,
+            t.model.clone(),
+            primary_key.clone(),
+        )];
+        for (i, f) in t.fallback.iter().enumerate() {
+            let own = resolve_key(
+                &format!("transcribe.fallback[{i}].api_key_file"),
+                &f.api_key_file,
+                &f.api_key_env,
+                false,
+            )?;
+            // The primary key goes only to the primary's own host, never to another server.
+            let key = own.or_else(|| {
+                (client_host(&f.endpoint) == client_host(&t.endpoint))
+                    .then(|| primary_key.clone())
+                    .flatten()
+            });
+            let model = if f.model.is_empty() {
+                t.model.clone()
+            } else {
+                f.model.clone()
+            };
+            endpoints.push(Endpoint::new(&f.endpoint, model, key));
+        }
+        if !t.allow_insecure_http {
+            for ep in &endpoints {
+                if ep.has_key() && ep.url.starts_with("http://") && !client::is_loopback(&ep.url) {
+                    return Err(SetupError::Insecure {
+                        endpoint: ep.shown.clone(),
+                    });
+                }
+            }
+        }
+        let ca = (!t.ca_file.as_os_str().is_empty()).then_some(t.ca_file.as_path());
+        let client = Client::new(
+            Duration::from_secs(u64::from(t.connect_timeout_s)),
+            Duration::from_secs(u64::from(t.timeout_s)),
+            ca,
+        )?;
+        Ok(Some(Setup {
+            client,
+            endpoints,
+            fields: fields(t)?,
+        }))
+    }
+}
+
+/// The message for a user who has no key: how to turn transcription on.
+pub fn no_key_hint(t: &TranscribeConfig) -> String {
+    format!(
+        "transcription is off: no API key for {}. Set {} (transcribe.api_key_env) or transcribe.api_key_file, \
+         or point transcribe.endpoint at a local server; utterances stay in the spool until then",
+        crate::config::redact_url(&t.endpoint),
+        if t.api_key_env.is_empty() {
+            "an environment variable"
+        } else {
+            &t.api_key_env
+        }
+    )
+}
+
+fn needs_key(endpoint: &str) -> bool {
+    let host = client_host(endpoint);
+    KEYED_HOSTS.iter().any(|h| {
+        if h.starts_with('.') {
+            host.ends_with(h)
+        } else {
+            host == *h
+        }
+    })
+}
+
+fn client_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    hostport.to_ascii_lowercase()
+}
+
+/// The key from `file`, else `$CREDENTIALS_DIRECTORY/api_key` (primary only), else `$env`.
+fn resolve_key(
+    key: &str,
+    file: &std::path::Path,
+    env: &str,
+    credentials: bool,
+) -> Result<Option<Secret>, SetupError> {
+    let read = |path: PathBuf| -> Result<Secret, SetupError> {
+        let text = std::fs::read_to_string(&path).map_err(|source| SetupError::KeyFile {
+            key: key.to_owned(),
+            path: path.clone(),
+            source,
+        })?;
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(SetupError::EmptyKeyFile {
+                key: key.to_owned(),
+                path,
+            });
+        }
+        Ok(Secret::new(text.to_owned()))
+    };
+    if !file.as_os_str().is_empty() {
+        return read(file.to_owned()).map(Some);
+    }
+    if credentials && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let path = PathBuf::from(dir).join("api_key");
+        if path.exists() {
+            return read(path).map(Some);
+        }
+    }
+    if env.is_empty() {
+        return Ok(None);
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .map(Secret::new))
+}
+
+/// The optional request fields in SDK encoding: arrays as `name[]`, objects as `name[key]`,
+/// booleans `true`, defaults left out.
+fn fields(t: &TranscribeConfig) -> Result<Fields, SetupError> {
+    let mut parts: Vec<(String, String)> = Vec::new();
+    let mut add = |k: &str, v: String| parts.push((k.to_owned(), v));
+    if !t.language.is_empty() {
+        add("language", t.language.clone());
+    }
+    if !t.prompt.is_empty() {
+        add("prompt", t.prompt.clone());
+    }
+    add("response_format", format_name(t.response_format).to_owned());
+    if t.temperature != 0.0 {
+        add("temperature", t.temperature.to_string());
+    }
+    for g in &t.timestamp_granularities {
+        let v = match g {
+            crate::config::Granularity::Word => "word",
+            crate::config::Granularity::Segment => "segment",
+        };
+        add("timestamp_granularities[]", v.to_owned());
+    }
+    for i in &t.include {
+        match i {
+            crate::config::Include::Logprobs => add("include[]", "logprobs".to_owned()),
+        }
+    }
+    if t.stream {
+        add("stream", "true".to_owned());
+    }
+    match &t.chunking_strategy {
+        Chunking::Off => {}
+        Chunking::Auto => add("chunking_strategy", "auto".to_owned()),
+        Chunking::ServerVad(v) => {
+            add("chunking_strategy[type]", v.kind.clone());
+            if let Some(ms) = v.prefix_padding_ms {
+                add("chunking_strategy[prefix_padding_ms]", ms.to_string());
+            }
+            if let Some(ms) = v.silence_duration_ms {
+                add("chunking_strategy[silence_duration_ms]", ms.to_string());
+            }
+            if let Some(th) = v.threshold {
+                add("chunking_strategy[threshold]", th.to_string());
+            }
+        }
+    }
+    let mut names = Vec::new();
+    let mut refs = Vec::new();
+    for (index, s) in t.known_speakers.iter().enumerate() {
+        let err = |why: String| SetupError::Speaker {
+            index,
+            path: s.audio.clone(),
+            why,
+        };
+        let bytes = std::fs::read(&s.audio).map_err(|e| err(e.to_string()))?;
+        let reader = hound::WavReader::new(std::io::Cursor::new(&bytes))
+            .map_err(|e| err(format!("not a WAV file: {e}")))?;
+        let spec = reader.spec();
+        let frames = reader.duration();
+        let secs = f64::from(frames) / f64::from(spec.sample_rate.max(1));
+        if !(2.0..=10.0).contains(&secs) {
+            return Err(err(format!(
+                "must be 2 to 10 seconds of audio, it is {secs:.2} s"
+            )));
+        }
+        names.push(s.name.clone());
+        refs.push(format!(
+            "data:audio/wav;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(&bytes)
+        ));
+    }
+    for n in names {
+        add("known_speaker_names[]", n);
+    }
+    for r in refs {
+        add("known_speaker_references[]", r);
+    }
+    Ok(Fields {
+        parts,
+        format: Some(t.response_format),
+        stream: t.stream,
+    })
+}
+
+fn format_name(f: ResponseFormat) -> &'static str {
+    match f {
+        ResponseFormat::Json => "json",
+        ResponseFormat::Text => "text",
+        ResponseFormat::Srt => "srt",
+        ResponseFormat::Vtt => "vtt",
+        ResponseFormat::VerboseJson => "verbose_json",
+        ResponseFormat::DiarizedJson => "diarized_json",
+    }
+}
+
+/// What to do when every endpoint is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Keep trying with a capped backoff (the daemon).
+    Forever,
+    /// Stop and leave the rest in the spool (`hark upload`).
+    GiveUp,
+}
+
+/// What the upload thread did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    pub transcribed: u64,
+    pub failed: u64,
+    /// Still in the spool when the thread ended.
+    pub waiting: u64,
+}
+
+enum Msg {
+    Job(Job),
+    /// No more jobs will come: end once the queue is empty.
+    Finish,
+    /// End by this instant, whatever is left.
+    Stop(Instant),
+}
+
+struct Job {
+    entry: Entry,
+    /// When its `speech_end` was emitted, for utterances of this run.
+    ended: Option<Instant>,
+}
+
+/// Hands new utterances to the upload thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Submitter(Sender<Msg>);
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Submitter")
+    }
+}
+
+impl Submitter {
+    /// Queue an utterance whose `speech_end` was emitted at `ended`.
+    pub fn submit(&self, entry: Entry, ended: Instant) {
+        let _ = self.0.send(Msg::Job(Job {
+            entry,
+            ended: Some(ended),
+        }));
+    }
+}
+
+/// Owns the upload thread.
+pub struct Uploader {
+    tx: Sender<Msg>,
+    thread: Option<JoinHandle<Report>>,
+}
+
+/// Called with `true` when every endpoint has failed and with `false` when one answers again.
+pub type OnState = Box<dyn Fn(bool) + Send>;
+
+impl Uploader {
+    /// Queue what waits in the spool now (oldest first), then start the thread. `done` receives
+    /// one message when the thread ends.
+    pub fn start<T: Send + 'static>(
+        setup: Setup,
+        spool: Arc<Spool>,
+        events: Events,
+        patience: Patience,
+        keep_audio: bool,
+        on_state: OnState,
+        done: (Sender<T>, T),
+    ) -> Result<Uploader, spool::SpoolError> {
+        let queue: VecDeque<Job> = spool
+            .entries()?
+            .into_iter()
+            .map(|entry| Job { entry, ended: None })
+            .collect();
+        if !queue.is_empty() {
+            tracing::info!(
+                "{} utterances wait in the spool; uploading them first",
+                queue.len()
+            );
+        }
+        let (tx, rx) = mpsc::channel();
+        let worker = Worker {
+            setup,
+            spool,
+            events,
+            patience,
+            keep_audio,
+            on_state,
+            rx,
+            queue,
+            finishing: false,
+            deadline: None,
+            down: false,
+            report: Report::default(),
+        };
+        let thread = thread::Builder::new()
+            .name("hark-upload".into())
+            .spawn(move || {
+                let (tx, msg) = done;
+                let report = worker.run();
+                let _ = tx.send(msg);
+                report
+            })
+            .map_err(|source| spool::SpoolError::Dir {
+                path: PathBuf::from("(upload thread)"),
+                source,
+            })?;
+        Ok(Uploader {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn submitter(&self) -> Submitter {
+        Submitter(self.tx.clone())
+    }
+
+    /// No more utterances will come: the thread ends when the queue is empty (or, with
+    /// [`Patience::GiveUp`], when every endpoint is down).
+    pub fn finish(&self) {
+        let _ = self.tx.send(Msg::Finish);
+    }
+
+    /// Keep going until `deadline`, then abandon what is left (it stays in the spool).
+    pub fn stop(&self, deadline: Instant) {
+        let _ = self.tx.send(Msg::Stop(deadline));
+    }
+
+    /// Join the thread; call after its `done` message arrived (else this blocks until it ends).
+    pub fn join(mut self) -> Report {
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+
+    /// Give up on the thread without joining it (an upload in flight past the stop deadline).
+    pub fn detach(mut self) {
+        self.thread.take();
+    }
+}
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = self.tx.send(Msg::Stop(Instant::now()));
+            let _ = t.join();
+        }
+    }
+}
+
+enum Outcome {
+    Done,
+    /// Stopped before this job was finished: it stays in the spool.
+    Stopped,
+    /// Every endpoint is down and the patience ran out.
+    GaveUp,
+}
+
+struct Worker {
+    setup: Setup,
+    spool: Arc<Spool>,
+    events: Events,
+    patience: Patience,
+    keep_audio: bool,
+    on_state: OnState,
+    rx: Receiver<Msg>,
+    queue: VecDeque<Job>,
+    finishing: bool,
+    deadline: Option<Instant>,
+    down: bool,
+    report: Report,
+}
+
+impl Worker {
+    fn run(mut self) -> Report {
+        loop {
+            while let Ok(msg) = self.rx.try_recv() {
+                self.take(msg);
+            }
+            if self.past_deadline() {
+                break;
+            }
+            let Some(job) = self.queue.pop_front() else {
+                if self.finishing || self.deadline.is_some() {
+                    break;
+                }
+                match self.rx.recv() {
+                    Ok(msg) => self.take(msg),
+                    Err(_) => break,
+                }
+                continue;
+            };
+            match self.upload(&job) {
+                Outcome::Done => {}
+                Outcome::Stopped | Outcome::GaveUp => {
+                    self.queue.push_front(job);
+                    break;
+                }
+            }
+        }
+        // Jobs sent after the last look are in the spool too.
+        while let Ok(msg) = self.rx.try_recv() {
+            self.take(msg);
+        }
+        self.report.waiting = self.queue.len() as u64;
+        if self.report.waiting > 0 {
+            tracing::warn!(
+                "{} utterances stay in {} for the next run",
+                self.report.waiting,
+                self.spool.dir().display()
+            );
+        }
+        self.report
+    }
+
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Job(job) => self.queue.push_back(job),
+            Msg::Finish => self.finishing = true,
+            Msg::Stop(at) => self.deadline = Some(self.deadline.map_or(at, |d| d.min(at))),
+        }
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Wait `d` while taking new jobs; `false` when the stop deadline comes first.
+    fn wait(&mut self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        loop {
+            let now = Instant::now();
+            if let Some(deadline) = self.deadline
+                && deadline <= until
+            {
+                if now >= deadline {
+                    return false;
+                }
+            } else if now >= until {
+                return true;
+            }
+            let end = self.deadline.map_or(until, |dl| dl.min(until));
+            match self.rx.recv_timeout(end.saturating_duration_since(now)) {
+                Ok(msg) => self.take(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                // The daemon is gone: sleep out the rest without a channel.
+                Err(RecvTimeoutError::Disconnected) => {
+                    thread::sleep(end.saturating_duration_since(Instant::now()));
+                }
+            }
+        }
+    }
+
+    fn upload(&mut self, job: &Job) -> Outcome {
+        let entry = &job.entry;
+        let meta = match spool::read_meta(&entry.meta) {
+            Ok(meta) => meta,
+            // Dropped by the spool cap while it waited: its `dropped` event was emitted then.
+            Err(_) if !entry.meta.exists() => return Outcome::Done,
+            Err(e) => {
+                self.fail(entry, "bad_metadata", &format!("{e}"));
+                return Outcome::Done;
+            }
+        };
+        if meta.duration_ms < MIN_DURATION_MS {
+            self.events.emit(EventKind::Dropped {
+                utterance: meta.utterance.clone(),
+                offset_ms: meta.offset_ms,
+                reason: DropReason::TooShort,
+                duration_ms: meta.duration_ms,
+            });
+            let _ = self.spool.remove(entry);
+            return Outcome::Done;
+        }
+        let ogg = match std::fs::read(&entry.audio) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let msg = format!("{}: {e}", entry.audio.display());
+                self.fail(entry, "missing_audio", &msg);
+                return Outcome::Done;
+            }
+        };
+        let mut wav: Option<Vec<u8>> = None;
+        let mut attempts = 0u32;
+        let mut round = 0u32;
+        let utterance = meta.utterance.clone();
+        loop {
+            let mut retryable: Option<String> = None;
+            let mut last_final: Option<(String, &'static str)> = None;
+            for i in 0..self.setup.endpoints.len() {
+                let mut retry = 0u32;
+                loop {
+                    if self.past_deadline() {
+                        return Outcome::Stopped;
+                    }
+                    let ep = &self.setup.endpoints[i];
+                    let as_wav = ep.wants_wav();
+                    if as_wav && wav.is_none() {
+                        match decode::decode_ogg_opus(&ogg) {
+                            Ok(pcm) => wav = Some(decode::wav_bytes(&pcm, meta.sample_rate)),
+                            Err(e) => {
+                                let msg =
+                                    format!("cannot convert {} to WAV: {e}", entry.audio.display());
+                                last_final = Some((msg, "bad_audio"));
+                                break;
+                            }
+                        }
+                    }
+                    let bytes = match (&wav, as_wav) {
+                        (Some(w), true) => w.as_slice(),
+                        _ => ogg.as_slice(),
+                    };
+                    attempts += 1;
+                    let started = Instant::now();
+                    let events = self.events.clone();
+                    let offset_ms = meta.offset_ms;
+                    let mut on_delta = |delta: &str| {
+                        events.emit(EventKind::TranscriptDelta {
+                            utterance: utterance.clone(),
+                            offset_ms,
+                            delta: delta.to_owned(),
+                        });
+                    };
+                    let upload = Upload {
+                        id: &meta.utterance,
+                        bytes,
+                        wav: as_wav,
+                    };
+                    let result = self.setup.client.transcribe(
+                        ep,
+                        &self.setup.fields,
+                        &upload,
+                        self.deadline,
+                        &mut on_delta,
+                    );
+                    match result {
+                        Ok(t) => {
+                            tracing::debug!(
+                                "{}: transcribed by {} in {} ms",
+                                meta.utterance,
+                                ep.shown,
+                                started.elapsed().as_millis()
+                            );
+                            self.deliver(job, &meta, t, i, attempts);
+                            return Outcome::Done;
+                        }
+                        Err(f) => {
+                            let ep = &self.setup.endpoints[i];
+                            let what = format!("{}: {f}", ep.shown);
+                            match f.verdict() {
+                                Verdict::WantsWav if !as_wav => {
+                                    tracing::info!(
+                                        "{} does not take Ogg/Opus ({f}); sending WAV to it from now on",
+                                        ep.shown
+                                    );
+                                    ep.remember_wav();
+                                }
+                                Verdict::WantsWav | Verdict::Final => {
+                                    tracing::warn!("{}: {what}", meta.utterance);
+                                    last_final = Some((what, f.code()));
+                                    break;
+                                }
+                                Verdict::Retry { after } => {
+                                    tracing::warn!(
+                                        "{} (attempt {attempts}): {what}",
+                                        meta.utterance
+                                    );
+                                    // Each failure while the service is up; once every endpoint
+                                    // is down, only the transitions (no event per retry).
+                                    if !self.down {
+                                        self.events.emit(EventKind::Error {
+                                            stage: Stage::Upload,
+                                            code: f.code(),
+                                            message: format!(
+                                                "utterance {}: {what}; retrying",
+                                                meta.utterance
+                                            ),
+                                            retrying: true,
+                                        });
+                                    }
+                                    retryable = Some(what);
+                                    if retry >= retry::MAX_RETRIES {
+                                        break;
+                                    }
+                                    let wait =
+                                        after.unwrap_or_else(|| retry::backoff(retry, jitter()));
+                                    retry += 1;
+                                    if !self.wait(wait) {
+                                        return Outcome::Stopped;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(why) = retryable else {
+                let (msg, code) = last_final
+                    .unwrap_or_else(|| ("no endpoint configured".to_owned(), "no_endpoint"));
+                self.fail(entry, code, &msg);
+                return Outcome::Done;
+            };
+            if self.patience == Patience::GiveUp {
+                tracing::warn!("every endpoint failed ({why}); giving up for now");
+                return Outcome::GaveUp;
+            }
+            if !self.down {
+                self.down = true;
+                self.events.emit(EventKind::Error {
+                    stage: Stage::Upload,
+                    code: "endpoints_down",
+                    message: format!(
+                        "every endpoint failed, last {why}; retrying, utterances wait in the spool"
+                    ),
+                    retrying: true,
+                });
+                (self.on_state)(true);
+            }
+            if !self.wait(retry::outage_backoff(round, jitter())) {
+                return Outcome::Stopped;
+            }
+            round += 1;
+        }
+    }
+
+    /// Emit the transcript, then let go of the audio.
+    fn deliver(
+        &mut self,
+        job: &Job,
+        meta: &spool::UtteranceMeta,
+        t: response::Transcript,
+        endpoint: usize,
+        attempts: u32,
+    ) {
+        let ep = &self.setup.endpoints[endpoint];
+        let latency = match job.ended {
+            Some(at) => at.elapsed(),
+            None => humantime::parse_rfc3339(&meta.start_time)
+                .ok()
+                .map(|start| start + Duration::from_millis(meta.duration_ms))
+                .and_then(|end| SystemTime::now().duration_since(end).ok())
+                .unwrap_or_default(),
+        };
+        self.events.emit(EventKind::Transcript {
+            utterance: meta.utterance.clone(),
+            offset_ms: meta.offset_ms,
+            text: t.text,
+            duration_ms: meta.duration_ms,
+            language: t.language,
+            segments: t.segments,
+            words: t.words,
+            logprobs: t.logprobs,
+            usage: t.usage,
+            model: ep.model.clone(),
+            endpoint: ep.shown.clone(),
+            attempts,
+            latency_ms: latency.as_millis() as u64,
+        });
+        self.report.transcribed += 1;
+        let kept = if self.keep_audio {
+            self.spool.move_to(&job.entry, "done").map(|_| ())
+        } else {
+            self.spool.remove(&job.entry)
+        };
+        if let Err(e) = kept {
+            tracing::warn!("{}: transcribed, but {e}", meta.utterance);
+        }
+        if self.down {
+            self.down = false;
+            tracing::info!("{} answers again", ep.shown);
+            (self.on_state)(false);
+        }
+    }
+
+    /// Move an utterance that will never be transcribed to `failed/` and say why.
+    fn fail(&mut self, entry: &Entry, code: &'static str, why: &str) {
+        let moved = self.spool.move_to(entry, "failed");
+        let place = match &moved {
+            Ok(path) => format!("kept as {}", path.display()),
+            Err(e) => format!("could not be moved to failed/: {e}"),
+        };
+        let message = format!("utterance {}: {why}; not retried, {place}", entry.id);
+        tracing::error!("{message}");
+        self.events.emit(EventKind::Error {
+            stage: Stage::Upload,
+            code,
+            message,
+            retrying: false,
+        });
+        self.report.failed += 1;
+    }
+}
+
+/// A number in 0..1 for backoff jitter.
+fn jitter() -> f64 {
+    f64::from(spool::random_u32()) / f64::from(u32::MAX)
+}
