@@ -824,3 +824,31 @@ fn without_a_key_hark_says_how_to_enable_transcription_and_records() {
     let end = of_type(&ev, "speech_end")[0];
     assert!(Path::new(end["audio"].as_str().unwrap()).exists());
 }
+
+#[test]
+fn sigterm_abandons_an_upload_in_flight_within_the_deadline_and_keeps_the_audio() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = sentences(dir.path(), 1);
+    let spool = dir.path().join("spool");
+    let server = Server::start(None, |_, _| Reply::Hold);
+    let mut args = vec!["-i".to_owned(), input.display().to_string()];
+    args.extend(upload_args(&spool, &server.url(), &[]));
+    let mut cmd = hark();
+    cmd.args(&args).env("HARK_TEST_KEY", KEY);
+    let running = Running::spawn(cmd);
+    let mut seen = Vec::new();
+    let end = running.wait_for(&mut seen, WAIT, |e| e["type"] == "speech_end");
+    server.wait_for_requests(1, WAIT);
+    running.signal(libc::SIGTERM);
+    // The grace for the upload in flight is 5 s; the limit leaves room for a slow machine.
+    let (status, rest, stderr) = running.finish(Duration::from_secs(30));
+    seen.extend(rest);
+    assert!(status.success(), "{stderr}");
+    assert!(of_type(&seen, "transcript").is_empty());
+    let id = end["utterance"].as_str().unwrap();
+    assert_eq!(
+        spool_files(&spool),
+        [format!("{id}.json"), format!("{id}.ogg")]
+    );
+    assert!(stderr.contains("stays in the spool"), "{stderr}");
+}

@@ -808,3 +808,79 @@ impl Worker {
 fn jitter() -> f64 {
     f64::from(spool::random_u32()) / f64::from(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn parts(overrides: &[&str]) -> Vec<(String, String)> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        let c = Config::load(None, &o).expect("config");
+        fields(&c.transcribe).expect("fields").parts
+    }
+
+    #[test]
+    fn defaults_send_only_the_response_format() {
+        assert_eq!(
+            parts(&[]),
+            [("response_format".to_owned(), "json".to_owned())]
+        );
+    }
+
+    #[test]
+    fn auto_chunking_and_streaming_use_the_sdk_spelling() {
+        let p = parts(&[
+            "transcribe.chunking_strategy=\"auto\"",
+            "transcribe.stream=true",
+            "transcribe.response_format=\"text\"",
+        ]);
+        let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            p,
+            [
+                ("response_format", "text"),
+                ("stream", "true"),
+                ("chunking_strategy", "auto"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_speaker_reference_outside_2_to_10_s_is_refused_with_its_key() {
+        let dir = std::env::temp_dir().join(format!("hark-spk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let wav = dir.join("short.wav");
+        let spec = hound::WavSpec {
+            channels: 1,
+            sample_rate: 16000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+        for _ in 0..16000 {
+            w.write_sample(0i16).unwrap();
+        }
+        w.finalize().unwrap();
+        let set = format!(
+            "transcribe.known_speakers=[{{name=\"a\", audio={:?}}}]",
+            wav.display().to_string()
+        );
+        let c = Config::load(None, &[set]).unwrap();
+        let err = fields(&c.transcribe).unwrap_err().to_string();
+        assert!(err.contains("known_speakers[0]"), "{err}");
+        assert!(err.contains("1.00 s"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_go_to_the_hosts_that_need_them() {
+        assert!(needs_key("https://api.openai.com/v1"));
+        assert!(needs_key("https://api.groq.com/openai/v1"));
+        assert!(needs_key(
+            "https://res.openai.azure.com/openai/deployments/w?api-version=1"
+        ));
+        assert!(!needs_key("http://127.0.0.1:8000/v1"));
+        assert!(!needs_key("http://whisper.lan:8080/inference"));
+    }
+}
