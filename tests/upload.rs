@@ -852,3 +852,36 @@ fn sigterm_abandons_an_upload_in_flight_within_the_deadline_and_keeps_the_audio(
     );
     assert!(stderr.contains("stays in the spool"), "{stderr}");
 }
+
+#[test]
+fn oversized_and_malformed_bodies_are_errors_that_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = sentences(dir.path(), 1);
+    let server = Server::start(None, |_, i| match i {
+        // Larger than the 4 MiB hark reads.
+        0 => Reply::Json(200, format!("{{\"text\":\"{}\"}}", "a".repeat(5 << 20))),
+        1 => Reply::Json(200, "{\"text\": \"unterminated".to_owned()),
+        2 => Reply::Full {
+            status: 502,
+            headers: vec![("Content-Type".into(), "text/html".into())],
+            body: b"<html><body><h1>502 Bad Gateway</h1></body></html>".to_vec(),
+        },
+        _ => ok_json("fine"),
+    });
+    let spool = dir.path().join("spool");
+    let (out, ev) = transcribe_file(&input, &spool, &server.url(), &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let errors = of_type(&ev, "error");
+    let codes: Vec<&str> = errors.iter().map(|e| e["code"].as_str().unwrap()).collect();
+    // Three attempts on the one endpoint, then a round after the outage backoff.
+    assert_eq!(
+        codes,
+        ["bad_response", "bad_response", "server_error", "endpoints_down"],
+        "{ev:#?}"
+    );
+    assert!(errors[2]["message"].as_str().unwrap().contains("502 Bad Gateway"));
+    assert!(!errors[2]["message"].as_str().unwrap().contains("<h1>"));
+    let t = of_type(&ev, "transcript");
+    assert_eq!(t[0]["text"], "fine");
+    assert_eq!(t[0]["attempts"], 4);
+}
