@@ -304,8 +304,9 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     let mut upload_done = uploader.is_none();
     while !(pipeline_done && upload_done) {
         let mut wake = next_status;
-        if let Some(deadline) = stop_by {
-            if pipeline_done && Instant::now() >= deadline {
+        // The deadline is the uploads'; the pipeline's own flush is bounded by its stop.
+        if let (true, Some(deadline)) = (pipeline_done, stop_by) {
+            if Instant::now() >= deadline {
                 tracing::warn!(
                     "the upload in flight did not finish in time; it stays in the spool"
                 );
@@ -383,8 +384,9 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     match fatal {
         // The input broke off (a truncated file): what came before is spooled, but say so.
         Some(e) => Err(DaemonError::Capture(e)),
-        // Utterances that failed for good: the run did not do its job for them.
-        None if failed.failed > 0 => Err(DaemonError::Incomplete(failed)),
+        // Utterances that failed for good: the run did not do its job for them (a stop by
+        // signal is a normal end whatever happened before).
+        None if failed.failed > 0 && stop_by.is_none() => Err(DaemonError::Incomplete(failed)),
         None => Ok(summary),
     }
 }

@@ -4,7 +4,7 @@
 //! the fields of its type (shared/DESIGN.md, "Events"). This module does not know where events go: it
 //! hands the same bytes to each sink's bounded queue and never waits for a sink.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -182,6 +182,7 @@ pub struct Events {
 struct Inner {
     device: String,
     seq: AtomicU64,
+    closed: AtomicBool,
     /// Held while numbering and queueing, so that `seq` order is delivery order on every sink.
     queues: Mutex<Vec<SinkQueue>>,
 }
@@ -192,6 +193,7 @@ impl Events {
             inner: Arc::new(Inner {
                 device,
                 seq: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
                 queues: Mutex::new(queues),
             }),
         }
@@ -201,12 +203,17 @@ impl Events {
         &self.inner.device
     }
 
-    /// Serialize `kind` once and offer it to every sink without blocking.
-    pub fn emit(&self, kind: EventKind) {
+    /// Serialize `kind` once and offer it to every sink without blocking. Returns whether it
+    /// was handed over: at least one sink took it, or there are no sinks at all. `false` after
+    /// [`Events::close`], or when every sink refused it (full or gone).
+    pub fn emit(&self, kind: EventKind) -> bool {
         let mut queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
         };
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return false;
+        }
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
             v: 1,
@@ -221,7 +228,7 @@ impl Events {
             // Serializing plain structs of strings and numbers cannot fail; log rather than panic.
             Err(e) => {
                 tracing::error!("cannot serialize a {} event: {e}", kind.name());
-                return;
+                return false;
             }
         };
         let text = match &kind {
@@ -233,9 +240,11 @@ impl Events {
             json: json.into(),
             text,
         };
+        let mut taken = queues.is_empty();
         for queue in queues.iter_mut() {
-            queue.offer(&line);
+            taken |= queue.offer(&line);
         }
+        taken
     }
 
     /// Close every sink queue; the sink threads drain what they hold and end.
@@ -244,6 +253,7 @@ impl Events {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
         };
+        self.inner.closed.store(true, Ordering::Relaxed);
         queues.clear();
     }
 }

@@ -67,6 +67,11 @@ fn init_logging(verbose: u8, quiet: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("hark={level},{level}")));
+    // ureq-proto's trace output dumps request heads byte by byte, the API key among them.
+    let filter = match "ureq_proto=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)

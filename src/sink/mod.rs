@@ -45,17 +45,19 @@ impl SinkQueue {
     }
 
     /// Queue a line without waiting; a full queue drops it and counts.
-    pub fn offer(&mut self, line: &Line) {
+    /// Whether the sink took the line.
+    pub fn offer(&mut self, line: &Line) -> bool {
         match self.tx.try_send(line.clone()) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(TrySendError::Full(_)) => {
                 let n = self.dropped.fetch_add(1, Ordering::Relaxed);
                 if n == 0 {
                     tracing::warn!("sink {} is not keeping up; dropping its events", self.name);
                 }
+                false
             }
             // The sink stopped (it logged why); nothing more to do.
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 }

@@ -25,6 +25,10 @@ pub enum SpoolError {
     Dir { path: PathBuf, source: io::Error },
     #[error("spool file {path}: {source}")]
     File { path: PathBuf, source: io::Error },
+    #[error(
+        "spool directory {path} is in use by another hark process (two would upload every utterance twice)"
+    )]
+    Busy { path: PathBuf },
 }
 
 /// What `<id>.json` says about an utterance.
@@ -93,6 +97,8 @@ pub struct Spool {
     /// Utterances and bytes in the spool, kept up to date by this process's own writes and
     /// deletions, so the cap and status need no directory scan.
     usage: Mutex<(u64, u64)>,
+    /// `.lock`, held (flock) while this process owns the spool.
+    _lock: File,
 }
 
 const PART: &str = ".part";
@@ -105,6 +111,7 @@ impl Spool {
             source,
         };
         fs::create_dir_all(dir).map_err(dir_err)?;
+        let lock = lock(dir)?;
         for entry in fs::read_dir(dir).map_err(dir_err)?.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -132,6 +139,7 @@ impl Spool {
             seq: AtomicU32::new(0),
             salt: random_u32(),
             usage: Mutex::new((0, 0)),
+            _lock: lock,
         };
         let entries = spool.entries()?;
         *spool.usage.get_mut().unwrap_or_else(|p| p.into_inner()) =
@@ -273,9 +281,8 @@ impl Spool {
         Ok(())
     }
 
-    /// Move an utterance out of the queue into the subdirectory `sub` (`failed`, `done`), audio
-    /// first: a crash in between leaves metadata whose audio is missing, which the uploader
-    /// reports instead of uploading. Returns the audio's new path.
+    /// Move an utterance out of the queue into the subdirectory `sub` (`failed`, `done`).
+    /// Returns the audio's new path.
     pub fn move_to(&self, entry: &Entry, sub: &str) -> Result<PathBuf, SpoolError> {
         let dir = self.dir.join(sub);
         fs::create_dir_all(&dir).map_err(|source| SpoolError::Dir {
@@ -283,7 +290,15 @@ impl Spool {
             source,
         })?;
         let mut audio = PathBuf::new();
-        for path in [&entry.audio, &entry.meta] {
+        // Into `failed/`, audio first (a crash in between leaves metadata the uploader reports);
+        // into `done/`, metadata first (a crash in between leaves audio that the next start
+        // moves to `partial/`, instead of a transcribed utterance reported as failed).
+        let order = if sub == "done" {
+            [&entry.meta, &entry.audio]
+        } else {
+            [&entry.audio, &entry.meta]
+        };
+        for path in order {
             let Some(name) = path.file_name() else {
                 continue;
             };
@@ -348,6 +363,33 @@ impl Spool {
     }
 }
 
+/// Take the spool's lock, or say that another process holds it.
+fn lock(dir: &Path) -> Result<File, SpoolError> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| SpoolError::File {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock(2) on a descriptor this function owns; released when the file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(SpoolError::Busy {
+                path: dir.to_owned(),
+            });
+        }
+        return Err(SpoolError::File { path, source: e });
+    }
+    Ok(file)
+}
+
 /// Read an utterance's metadata.
 pub fn read_meta(path: &Path) -> Result<UtteranceMeta, SpoolError> {
     let file_err = |source| SpoolError::File {
@@ -398,6 +440,16 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_in_use_is_refused_until_it_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Spool::open(dir.path(), 1 << 30).unwrap();
+        let err = Spool::open(dir.path(), 1 << 30).err().expect("busy");
+        assert!(err.to_string().contains("in use by another hark"), "{err}");
+        drop(first);
+        Spool::open(dir.path(), 1 << 30).expect("free again");
+    }
+
+    #[test]
     fn ids_sort_by_time_and_differ() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 30).unwrap();
@@ -407,6 +459,7 @@ mod tests {
         let c = spool.new_id(t + std::time::Duration::from_millis(1));
         assert!(a.starts_with("20231114T221320123Z-"), "{a}");
         assert!(a < b && b < c, "{a} {b} {c}");
+        drop(spool);
         let other = Spool::open(dir.path(), 1 << 30).unwrap();
         assert_ne!(other.new_id(t), a, "another process gets another salt");
     }
@@ -433,6 +486,7 @@ mod tests {
             .unwrap()
             .flatten()
             .map(|e| e.file_name())
+            .filter(|n| n != ".lock")
             .collect();
         assert_eq!(names.len(), 4, "no part files left: {names:?}");
     }
@@ -455,6 +509,7 @@ mod tests {
         }
         let (n, bytes) = spool.usage();
         assert_eq!(n, 3);
+        drop(spool);
         let capped = Spool::open(dir.path(), bytes - 1).unwrap();
         assert_eq!(capped.usage(), (3, bytes), "counted at open");
         let dropped = capped.enforce_cap();

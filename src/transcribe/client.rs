@@ -133,11 +133,8 @@ fn host_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if let Some(v6) = hostport.strip_prefix('[') {
-        return v6
-            .split(']')
-            .next()
-            .map_or(hostport, |h| &hostport[..h.len() + 2]);
+    if hostport.starts_with('[') {
+        return hostport.find(']').map_or(hostport, |i| &hostport[..=i]);
     }
     hostport.split(':').next().unwrap_or("")
 }
@@ -178,6 +175,11 @@ impl Failure {
     pub fn verdict(&self) -> Verdict {
         match self {
             Failure::Status { verdict, .. } => *verdict,
+            // A complete answer that cannot be read will not read better the next time.
+            Failure::Transport {
+                code: "bad_response",
+                ..
+            } => Verdict::Final,
             Failure::Transport { .. } => Verdict::Retry { after: None },
         }
     }
@@ -506,6 +508,7 @@ mod tests {
             "http://127.3.4.5/v1",
             "http://localhost/v1",
             "http://[::1]:9000/v1",
+            "http://[::1]",
             "http://user:pw@127.0.0.1/v1",
         ] {
             assert!(is_loopback(url), "{url}");
@@ -515,6 +518,7 @@ mod tests {
             "http://example.com/v1",
             "http://127.0.0.1.example.com/v1",
             "http://[fe80::1]/v1",
+            "http://[é",
         ] {
             assert!(!is_loopback(url), "{url}");
         }

@@ -33,6 +33,10 @@ use retry::Verdict;
 /// Utterances shorter than this are never sent: every API answers 400 `audio_too_short`.
 const MIN_DURATION_MS: u64 = 100;
 
+/// The default `api_key_env`, whose key is sent to [`OPENAI_HOST`] only.
+const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
+const OPENAI_HOST: &str = "api.openai.com";
+
 /// Hosts that always need a key: without one, hark records only.
 const KEYED_HOSTS: [&str; 4] = [
     "api.openai.com",
@@ -81,12 +85,14 @@ impl Setup {
     /// Resolve keys, check where they may be sent, load trust roots and speaker references.
     /// `Ok(None)`: the primary endpoint needs a key and there is none (hark records only).
     pub fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
-        let primary_key = resolve_key(
-            "transcribe.api_key_file",
-            &t.api_key_file,
-            &t.api_key_env,
-            true,
-        )?;
+        // An OpenAI key goes to OpenAI only: a LAN server named as the endpoint must not get
+        // it just because `api_key_env` kept its default.
+        let env = if t.api_key_env == OPENAI_KEY_ENV && client_host(&t.endpoint) != OPENAI_HOST {
+            ""
+        } else {
+            t.api_key_env.as_str()
+        };
+        let primary_key = resolve_key("transcribe.api_key_file", &t.api_key_file, env, true)?;
         if primary_key.is_none() && needs_key(&t.endpoint) {
             return Ok(None);
         }
@@ -154,6 +160,7 @@ pub fn no_key_hint(t: &TranscribeConfig) -> String {
 
 fn needs_key(endpoint: &str) -> bool {
     let host = client_host(endpoint);
+    let host = host.split(':').next().unwrap_or("");
     KEYED_HOSTS.iter().any(|h| {
         if h.starts_with('.') {
             host.ends_with(h)
@@ -408,10 +415,9 @@ impl Uploader {
         let thread = thread::Builder::new()
             .name("hark-upload".into())
             .spawn(move || {
-                let (tx, msg) = done;
-                let report = worker.run();
-                let _ = tx.send(msg);
-                report
+                // Sent however the thread ends, a panic included, so nobody waits forever.
+                let _done = DoneGuard(Some(done));
+                worker.run()
             })
             .map_err(|source| spool::SpoolError::Dir {
                 path: PathBuf::from("(upload thread)"),
@@ -457,6 +463,16 @@ impl Drop for Uploader {
         if let Some(t) = self.thread.take() {
             let _ = self.tx.send(Msg::Stop(Instant::now()));
             let _ = t.join();
+        }
+    }
+}
+
+struct DoneGuard<T>(Option<(Sender<T>, T)>);
+
+impl<T> Drop for DoneGuard<T> {
+    fn drop(&mut self) {
+        if let Some((tx, msg)) = self.0.take() {
+            let _ = tx.send(msg);
         }
     }
 }
@@ -603,6 +619,9 @@ impl Worker {
             for i in 0..self.setup.endpoints.len() {
                 let mut retry = 0u32;
                 loop {
+                    while let Ok(msg) = self.rx.try_recv() {
+                        self.take(msg);
+                    }
                     if self.past_deadline() {
                         return Outcome::Stopped;
                     }
@@ -610,7 +629,9 @@ impl Worker {
                     let as_wav = ep.wants_wav();
                     if as_wav && wav.is_none() {
                         match decode::decode_ogg_opus(&ogg) {
-                            Ok(pcm) => wav = Some(decode::wav_bytes(&pcm, meta.sample_rate)),
+                            Ok(pcm) => {
+                                wav = Some(decode::wav_bytes(&pcm, crate::capture::SAMPLE_RATE))
+                            }
                             Err(e) => {
                                 let msg =
                                     format!("cannot convert {} to WAV: {e}", entry.audio.display());
@@ -654,8 +675,10 @@ impl Worker {
                                 ep.shown,
                                 started.elapsed().as_millis()
                             );
-                            self.deliver(job, &meta, t, i, attempts);
-                            return Outcome::Done;
+                            if self.deliver(job, &meta, t, i, attempts) {
+                                return Outcome::Done;
+                            }
+                            return Outcome::Stopped;
                         }
                         Err(f) => {
                             let ep = &self.setup.endpoints[i];
@@ -667,6 +690,11 @@ impl Worker {
                                         ep.shown
                                     );
                                     ep.remember_wav();
+                                }
+                                Verdict::Unavailable => {
+                                    tracing::warn!("{}: {what}", meta.utterance);
+                                    retryable = Some(what);
+                                    break;
                                 }
                                 Verdict::WantsWav | Verdict::Final => {
                                     tracing::warn!("{}: {what}", meta.utterance);
@@ -736,7 +764,8 @@ impl Worker {
         }
     }
 
-    /// Emit the transcript, then let go of the audio.
+    /// Emit the transcript, then let go of the audio. `false`: no sink took the transcript
+    /// before the stop deadline, so the audio stays in the spool (to be sent again).
     fn deliver(
         &mut self,
         job: &Job,
@@ -744,7 +773,7 @@ impl Worker {
         t: response::Transcript,
         endpoint: usize,
         attempts: u32,
-    ) {
+    ) -> bool {
         let ep = &self.setup.endpoints[endpoint];
         let latency = match job.ended {
             Some(at) => at.elapsed(),
@@ -754,7 +783,7 @@ impl Worker {
                 .and_then(|end| SystemTime::now().duration_since(end).ok())
                 .unwrap_or_default(),
         };
-        self.events.emit(EventKind::Transcript {
+        let event = EventKind::Transcript {
             utterance: meta.utterance.clone(),
             offset_ms: meta.offset_ms,
             text: t.text,
@@ -768,7 +797,18 @@ impl Worker {
             endpoint: ep.shown.clone(),
             attempts,
             latency_ms: latency.as_millis() as u64,
-        });
+        };
+        // Handed to the sinks, or kept: every sink full (a stalled reader) or hark stopping.
+        while !self.events.emit(event.clone()) {
+            if !self.wait(Duration::from_secs(1)) {
+                tracing::warn!(
+                    "{}: no sink took its transcript; the audio stays in the spool",
+                    meta.utterance
+                );
+                return false;
+            }
+        }
+        let ep = &self.setup.endpoints[endpoint];
         self.report.transcribed += 1;
         let kept = if self.keep_audio {
             self.spool.move_to(&job.entry, "done").map(|_| ())
@@ -783,6 +823,7 @@ impl Worker {
             tracing::info!("{} answers again", ep.shown);
             (self.on_state)(false);
         }
+        true
     }
 
     /// Move an utterance that will never be transcribed to `failed/` and say why.
@@ -880,6 +921,7 @@ mod tests {
         assert!(needs_key(
             "https://res.openai.azure.com/openai/deployments/w?api-version=1"
         ));
+        assert!(needs_key("https://api.groq.com:443/openai/v1"));
         assert!(!needs_key("http://127.0.0.1:8000/v1"));
         assert!(!needs_key("http://whisper.lan:8080/inference"));
     }

@@ -19,6 +19,9 @@ pub enum Verdict {
     Retry { after: Option<Duration> },
     /// This endpoint will not take this audio as it is (bad key, too large, too short, ...).
     Final,
+    /// This endpoint cannot serve anyone for a while (its quota ran out): not worth the quick
+    /// retries, but not the audio's fault either, so it waits in the spool like in an outage.
+    Unavailable,
     /// The endpoint cannot read Ogg/Opus; the same audio as WAV may work.
     WantsWav,
 }
@@ -48,10 +51,12 @@ pub fn classify_status(
         Some("false") => return Verdict::Final,
         _ => {}
     }
+    // A quota that ran out does not come back within the quick retries.
+    if status == 429 && code == Some("insufficient_quota") {
+        return Verdict::Unavailable;
+    }
     let retry = match status {
-        408 | 409 => true,
-        // A quota that ran out does not come back by waiting.
-        429 => code != Some("insufficient_quota"),
+        408 | 409 | 429 => true,
         s => s >= 500,
     };
     if retry {
@@ -148,6 +153,9 @@ fn httpdate(s: &str) -> Option<SystemTime> {
         _ => return None,
     };
     let year: i64 = it.next()?.parse().ok()?;
+    if !(1970..=9999).contains(&year) {
+        return None;
+    }
     let mut hms = it.next()?.split(':').map(|p| p.parse::<u64>().ok());
     let (h, m, sec) = (hms.next()??, hms.next()??, hms.next()??);
     if it.next()? != "GMT" || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
@@ -194,7 +202,7 @@ mod tests {
             "You exceeded your current quota",
             SystemTime::UNIX_EPOCH,
         );
-        assert_eq!(quota, Verdict::Final);
+        assert_eq!(quota, Verdict::Unavailable);
     }
 
     #[test]
@@ -268,6 +276,14 @@ mod tests {
             server_delay(&h(None, Some("Sun, 06 Nov 1994 08:49:30 GMT")), now),
             None
         );
+        // Absurd dates are ignored, not overflowed.
+        for date in [
+            "Sun, 06 Nov 300000000000 08:49:37 GMT",
+            "Sun, 06 Nov -5 08:49:37 GMT",
+            "Sun, 99 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(server_delay(&h(None, Some(date)), now), None, "{date}");
+        }
     }
 
     #[test]
