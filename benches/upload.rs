@@ -607,7 +607,8 @@ fn make_in(tmp: &Path, wav: &Path, n: usize) -> Result<(), String> {
         voiced += last + 1 - first;
         samples.extend(std::iter::repeat_n(0, GAP_MS * ms));
     }
-    for (s, n) in samples.iter_mut().zip(noise(samples.len(), NOISE_RMS, 7)) {
+    let floor = noise(samples.len(), NOISE_RMS, 7);
+    for (s, n) in samples.iter_mut().zip(floor) {
         *s = s.saturating_add(n);
     }
     let partial = tmp.join("out.wav");
