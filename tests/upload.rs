@@ -911,3 +911,75 @@ fn oversized_and_malformed_bodies_are_final_errors_and_html_errors_are_read() {
         assert_eq!(spool_files(&spool.join("failed")).len(), 2);
     }
 }
+
+#[test]
+fn keys_come_from_a_file_or_systemd_credentials_and_azure_gets_an_api_key_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = sentences(dir.path(), 1);
+    let server = Server::start(None, |_, _| ok_json("ok"));
+    let base = server.url().trim_end_matches("/v1").to_owned();
+
+    // api_key_file (surrounding whitespace trimmed), to an Azure-style deployment URL.
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let azure = format!("{base}/openai/deployments/whisper?api-version=2024-06-01");
+    let spool = dir.path().join("spool-azure");
+    let file_set = format!(
+        "transcribe.api_key_file={:?}",
+        key_file.display().to_string()
+    );
+    let (out, ev) = transcribe_file(&input, &spool, &azure, &[&file_set]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let r = &server.requests()[0];
+    assert_eq!(
+        r.target,
+        "/openai/deployments/whisper/audio/transcriptions?api-version=2024-06-01"
+    );
+    assert_eq!(r.header("api-key"), Some(KEY));
+    assert!(r.header("authorization").is_none());
+    assert_eq!(of_type(&ev, "transcript").len(), 1);
+
+    // $CREDENTIALS_DIRECTORY/api_key (systemd LoadCredential=), with keep_audio.
+    let creds = dir.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::write(creds.join("api_key"), "sk-from-credentials").unwrap();
+    let spool = dir.path().join("spool-creds");
+    let mut args = vec!["-i".to_owned(), input.display().to_string()];
+    args.extend(upload_args(
+        &spool,
+        &server.url(),
+        &["transcribe.api_key_env=\"\"", "spool.keep_audio=true"],
+    ));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_env(&refs, &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let r = &server.requests()[1];
+    assert_eq!(
+        r.header("authorization"),
+        Some("Bearer sk-from-credentials")
+    );
+    let ev = events(&out.stdout);
+    let end = of_type(&ev, "speech_end")[0];
+    let id = end["utterance"].as_str().unwrap();
+    assert!(end["audio"].is_string(), "kept audio is announced");
+    assert_eq!(
+        spool_files(&spool.join("done")),
+        [format!("{id}.json"), format!("{id}.ogg")]
+    );
+    assert!(spool_files(&spool).is_empty());
+
+    // A key file that cannot be read is a configuration error naming the key.
+    let missing = format!("transcribe.api_key_file={:?}", "/nonexistent/key");
+    let (out, _) = transcribe_file(
+        &input,
+        &dir.path().join("spool-x"),
+        &server.url(),
+        &[&missing],
+    );
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        stderr_of(&out).contains("transcribe.api_key_file /nonexistent/key"),
+        "{}",
+        stderr_of(&out)
+    );
+}

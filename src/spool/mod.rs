@@ -278,6 +278,8 @@ impl Spool {
         })?;
         let _ = fs::remove_file(&entry.audio);
         self.account(-1, -(entry.bytes as i64));
+        // Made durable, so that a power cut does not bring back an utterance already delivered.
+        let _ = self.sync_dir();
         Ok(())
     }
 
