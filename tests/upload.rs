@@ -983,3 +983,29 @@ fn keys_come_from_a_file_or_systemd_credentials_and_azure_gets_an_api_key_header
         stderr_of(&out)
     );
 }
+
+#[test]
+fn an_utterance_under_a_tenth_of_a_second_is_never_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = sentences(dir.path(), 1);
+    let spool = dir.path().join("spool");
+    let (_, ev) = run_input(&input, &spool, &[]);
+    let id = ids(&ev, "speech_end")[0].clone();
+    // As if vad.min_utterance_ms had let a 60 ms blip through.
+    let meta_path = spool.join(format!("{id}.json"));
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["duration_ms"] = json!(60);
+    std::fs::write(&meta_path, meta.to_string()).unwrap();
+    let server = Server::start(None, |_, _| ok_json("never"));
+    let mut args = upload_args(&spool, &server.url(), &[]);
+    args.push("upload".into());
+    let out = run_keyed(&args);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(server.requests().is_empty());
+    let ev = events(&out.stdout);
+    let dropped = of_type(&ev, "dropped");
+    assert_eq!(dropped.len(), 1, "{ev:#?}");
+    assert_eq!(dropped[0]["reason"], "too_short");
+    assert_eq!(dropped[0]["utterance"], id.as_str());
+    assert!(spool_files(&spool).is_empty());
+}
