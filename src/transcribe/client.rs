@@ -271,8 +271,13 @@ impl Client {
                 return Err(TlsSetupError::Empty { path: shown });
             }
         }
+        // ring, set here rather than through a ureq feature, so that neither ureq's copy of
+        // the webpki roots nor a process-wide default provider is involved.
         let tls = TlsConfig::builder()
             .provider(TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
             .root_certs(RootCerts::new_with_certs(&roots))
             .build();
         let agent = ureq::Agent::config_builder()
@@ -460,7 +465,7 @@ fn transport(ep: &Endpoint, e: &ureq::Error) -> Failure {
         E::ConnectionFailed => "connection",
         E::Tls(_) | E::Rustls(_) | E::Pem(_) => "tls",
         E::BodyExceedsLimit(_) => "bad_response",
-        E::Protocol(_) | E::LargeResponseHeader(..) | E::Decompress(..) => "bad_response",
+        E::Protocol(_) | E::LargeResponseHeader(..) => "bad_response",
         E::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => "timeout",
         E::Io(io) if is_tls(io) => "tls",
         _ => "connection",
