@@ -477,6 +477,37 @@ impl<T> Drop for DoneGuard<T> {
     }
 }
 
+/// An utterance's audio: the Ogg file, and the WAV made from it once an endpoint asked for it.
+struct Audio {
+    ogg: Vec<u8>,
+    wav: Option<Vec<u8>>,
+}
+
+impl Audio {
+    fn bytes(&mut self, wav: bool) -> Result<&[u8], decode::DecodeError> {
+        if !wav {
+            return Ok(&self.ogg);
+        }
+        if self.wav.is_none() {
+            let pcm = decode::decode_ogg_opus(&self.ogg)?;
+            self.wav = Some(decode::wav_bytes(&pcm, crate::capture::SAMPLE_RATE));
+        }
+        Ok(self.wav.as_deref().unwrap_or_default())
+    }
+}
+
+/// What one endpoint did with an utterance, its retries included.
+enum Tried {
+    /// Transcribed, and the transcript handed to the sinks.
+    Delivered,
+    /// The stop deadline came first (the audio stays in the spool).
+    Stopped,
+    /// It will not take this audio (a final error): why, and the event code.
+    Refused(String, &'static str),
+    /// It did not answer usefully after its retries.
+    Down(String),
+}
+
 enum Outcome {
     Done,
     /// Stopped before this job was finished: it stays in the spool.
@@ -601,144 +632,32 @@ impl Worker {
             let _ = self.spool.remove(entry);
             return Outcome::Done;
         }
-        let ogg = match std::fs::read(&entry.audio) {
-            Ok(bytes) => bytes,
+        let mut audio = match std::fs::read(&entry.audio) {
+            Ok(ogg) => Audio { ogg, wav: None },
             Err(e) => {
                 let msg = format!("{}: {e}", entry.audio.display());
                 self.fail(entry, "missing_audio", &msg);
                 return Outcome::Done;
             }
         };
-        let mut wav: Option<Vec<u8>> = None;
         let mut attempts = 0u32;
         let mut round = 0u32;
-        let utterance = meta.utterance.clone();
         loop {
-            let mut retryable: Option<String> = None;
-            let mut last_final: Option<(String, &'static str)> = None;
+            // Every endpoint in order; the utterance fails for good only if all refuse it.
+            let mut down: Option<String> = None;
+            let mut refused: Option<(String, &'static str)> = None;
             for i in 0..self.setup.endpoints.len() {
-                let mut retry = 0u32;
-                loop {
-                    while let Ok(msg) = self.rx.try_recv() {
-                        self.take(msg);
-                    }
-                    if self.past_deadline() {
-                        return Outcome::Stopped;
-                    }
-                    let ep = &self.setup.endpoints[i];
-                    let as_wav = ep.wants_wav();
-                    if as_wav && wav.is_none() {
-                        match decode::decode_ogg_opus(&ogg) {
-                            Ok(pcm) => {
-                                wav = Some(decode::wav_bytes(&pcm, crate::capture::SAMPLE_RATE))
-                            }
-                            Err(e) => {
-                                let msg =
-                                    format!("cannot convert {} to WAV: {e}", entry.audio.display());
-                                last_final = Some((msg, "bad_audio"));
-                                break;
-                            }
-                        }
-                    }
-                    let bytes = match (&wav, as_wav) {
-                        (Some(w), true) => w.as_slice(),
-                        _ => ogg.as_slice(),
-                    };
-                    attempts += 1;
-                    let started = Instant::now();
-                    let events = self.events.clone();
-                    let offset_ms = meta.offset_ms;
-                    let mut on_delta = |delta: &str| {
-                        events.emit(EventKind::TranscriptDelta {
-                            utterance: utterance.clone(),
-                            offset_ms,
-                            delta: delta.to_owned(),
-                        });
-                    };
-                    let upload = Upload {
-                        id: &meta.utterance,
-                        bytes,
-                        wav: as_wav,
-                    };
-                    let result = self.setup.client.transcribe(
-                        ep,
-                        &self.setup.fields,
-                        &upload,
-                        self.deadline,
-                        &mut on_delta,
-                    );
-                    match result {
-                        Ok(t) => {
-                            tracing::debug!(
-                                "{}: transcribed by {} in {} ms",
-                                meta.utterance,
-                                ep.shown,
-                                started.elapsed().as_millis()
-                            );
-                            if self.deliver(job, &meta, t, i, attempts) {
-                                return Outcome::Done;
-                            }
-                            return Outcome::Stopped;
-                        }
-                        Err(f) => {
-                            let ep = &self.setup.endpoints[i];
-                            let what = format!("{}: {f}", ep.shown);
-                            match f.verdict() {
-                                Verdict::WantsWav if !as_wav => {
-                                    tracing::info!(
-                                        "{} does not take Ogg/Opus ({f}); sending WAV to it from now on",
-                                        ep.shown
-                                    );
-                                    ep.remember_wav();
-                                }
-                                Verdict::Unavailable => {
-                                    tracing::warn!("{}: {what}", meta.utterance);
-                                    retryable = Some(what);
-                                    break;
-                                }
-                                Verdict::WantsWav | Verdict::Final => {
-                                    tracing::warn!("{}: {what}", meta.utterance);
-                                    last_final = Some((what, f.code()));
-                                    break;
-                                }
-                                Verdict::Retry { after } => {
-                                    tracing::warn!(
-                                        "{} (attempt {attempts}): {what}",
-                                        meta.utterance
-                                    );
-                                    // Each failure while the service is up; once every endpoint
-                                    // is down, only the transitions (no event per retry).
-                                    if !self.down {
-                                        self.events.emit(EventKind::Error {
-                                            stage: Stage::Upload,
-                                            code: f.code(),
-                                            message: format!(
-                                                "utterance {}: {what}; retrying",
-                                                meta.utterance
-                                            ),
-                                            retrying: true,
-                                        });
-                                    }
-                                    retryable = Some(what);
-                                    if retry >= retry::MAX_RETRIES {
-                                        break;
-                                    }
-                                    let wait =
-                                        after.unwrap_or_else(|| retry::backoff(retry, jitter()));
-                                    retry += 1;
-                                    if !self.wait(wait) {
-                                        return Outcome::Stopped;
-                                    }
-                                }
-                            }
-                        }
-                    }
+                match self.try_endpoint(i, job, &meta, &mut audio, &mut attempts) {
+                    Tried::Delivered => return Outcome::Done,
+                    Tried::Stopped => return Outcome::Stopped,
+                    Tried::Refused(why, code) => refused = Some((why, code)),
+                    Tried::Down(why) => down = Some(why),
                 }
             }
-            let Some(why) = retryable else {
-                let (msg, code) = last_final
-                    .unwrap_or_else(|| ("no endpoint configured".to_owned(), "no_endpoint"));
-                self.fail(entry, code, &msg);
+            let Some(why) = down else {
+                let (why, code) =
+                    refused.unwrap_or_else(|| ("no endpoint configured".to_owned(), "no_endpoint"));
+                self.fail(entry, code, &why);
                 return Outcome::Done;
             };
             if self.patience == Patience::GiveUp {
@@ -760,7 +679,112 @@ impl Worker {
             if !self.wait(retry::outage_backoff(round, jitter())) {
                 return Outcome::Stopped;
             }
-            round += 1;
+            round = round.saturating_add(1);
+        }
+    }
+
+    /// Endpoint `i` with the SDKs' retries: a transcript (delivered), a refusal, or down.
+    fn try_endpoint(
+        &mut self,
+        i: usize,
+        job: &Job,
+        meta: &spool::UtteranceMeta,
+        audio: &mut Audio,
+        attempts: &mut u32,
+    ) -> Tried {
+        let mut retry = 0u32;
+        loop {
+            while let Ok(msg) = self.rx.try_recv() {
+                self.take(msg);
+            }
+            if self.past_deadline() {
+                return Tried::Stopped;
+            }
+            let ep = &self.setup.endpoints[i];
+            let as_wav = ep.wants_wav();
+            let bytes = match audio.bytes(as_wav) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let why = format!("cannot convert {} to WAV: {e}", job.entry.audio.display());
+                    return Tried::Refused(why, "bad_audio");
+                }
+            };
+            *attempts += 1;
+            let started = Instant::now();
+            let events = &self.events;
+            let mut on_delta = |delta: &str| {
+                events.emit(EventKind::TranscriptDelta {
+                    utterance: meta.utterance.clone(),
+                    offset_ms: meta.offset_ms,
+                    delta: delta.to_owned(),
+                });
+            };
+            let upload = Upload {
+                id: &meta.utterance,
+                bytes,
+                wav: as_wav,
+            };
+            let result = self.setup.client.transcribe(
+                ep,
+                &self.setup.fields,
+                &upload,
+                self.deadline,
+                &mut on_delta,
+            );
+            let f = match result {
+                Ok(t) => {
+                    tracing::debug!(
+                        "{}: transcribed by {} in {} ms",
+                        meta.utterance,
+                        ep.shown,
+                        started.elapsed().as_millis()
+                    );
+                    return match self.deliver(job, meta, t, i, *attempts) {
+                        true => Tried::Delivered,
+                        false => Tried::Stopped,
+                    };
+                }
+                Err(f) => f,
+            };
+            let what = format!("{}: {f}", ep.shown);
+            match f.verdict() {
+                Verdict::WantsWav if !as_wav => {
+                    tracing::info!(
+                        "{} does not take Ogg/Opus ({f}); sending WAV to it from now on",
+                        ep.shown
+                    );
+                    ep.remember_wav();
+                }
+                Verdict::Unavailable => {
+                    tracing::warn!("{}: {what}", meta.utterance);
+                    return Tried::Down(what);
+                }
+                Verdict::WantsWav | Verdict::Final => {
+                    tracing::warn!("{}: {what}", meta.utterance);
+                    return Tried::Refused(what, f.code());
+                }
+                Verdict::Retry { after } => {
+                    tracing::warn!("{} (attempt {attempts}): {what}", meta.utterance);
+                    // Each failure while the service is up; once every endpoint is down, only
+                    // the transitions (no event per retry).
+                    if !self.down {
+                        self.events.emit(EventKind::Error {
+                            stage: Stage::Upload,
+                            code: f.code(),
+                            message: format!("utterance {}: {what}; retrying", meta.utterance),
+                            retrying: true,
+                        });
+                    }
+                    if retry >= retry::MAX_RETRIES {
+                        return Tried::Down(what);
+                    }
+                    let wait = after.unwrap_or_else(|| retry::backoff(retry, jitter()));
+                    retry += 1;
+                    if !self.wait(wait) {
+                        return Tried::Stopped;
+                    }
+                }
+            }
         }
     }
 
