@@ -106,6 +106,16 @@ struct Board {
 }
 
 impl Board {
+    fn new(started: Instant, spool: &Arc<Spool>, events: &Events) -> Arc<Board> {
+        Arc::new(Board {
+            started,
+            spool: spool.clone(),
+            events: events.clone(),
+            capture: OnceLock::new(),
+            upload_down: AtomicBool::new(false),
+        })
+    }
+
     fn emit(&self) {
         let (pending, bytes) = self.spool.usage();
         let (capture_ok, overruns) = match self.capture.get() {
@@ -219,6 +229,16 @@ impl Drop for SignalThread {
     }
 }
 
+fn upload_start(e: transcribe::StartError) -> DaemonError {
+    match e {
+        transcribe::StartError::Spool(e) => DaemonError::Spool(e),
+        transcribe::StartError::Thread(source) => DaemonError::Start {
+            what: "the upload thread",
+            source,
+        },
+    }
+}
+
 /// Set up transcription for `hark run`: `None` records only (asked for, or no key for a cloud API).
 fn transcription(config: &Config, args: &RunArgs) -> Result<Option<Setup>, DaemonError> {
     if args.record_only {
@@ -241,20 +261,15 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     let setup = transcription(config, args)?;
     let (source, opened) = open_source(config, args)?;
     let label = source.describe();
-    let board = Arc::new(Board {
-        started,
-        spool: spool.clone(),
-        events: events.clone(),
-        capture: OnceLock::new(),
-        upload_down: AtomicBool::new(false),
-    });
+    let board = Board::new(started, &spool, &events);
 
     let (tx, rx) = mpsc::channel();
     let signals = SignalThread::start(tx.clone())?;
     let uploader = match setup {
         Some(setup) => {
-            let endpoint = &setup.endpoints[0];
-            tracing::info!("transcribing with {} ({})", endpoint.shown, endpoint.model);
+            if let Some(endpoint) = setup.endpoints.first() {
+                tracing::info!("transcribing with {} ({})", endpoint.shown, endpoint.model);
+            }
             Some(
                 Uploader::start(
                     setup,
@@ -265,7 +280,7 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
                     Board::on_upload_state(&board),
                     (tx.clone(), Control::UploadDone),
                 )
-                .map_err(DaemonError::Spool)?,
+                .map_err(upload_start)?,
             )
         }
         None => {
@@ -403,13 +418,7 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
             env: config.transcribe.api_key_env.clone(),
         }));
     };
-    let board = Arc::new(Board {
-        started: Instant::now(),
-        spool: spool.clone(),
-        events: events.clone(),
-        capture: OnceLock::new(),
-        upload_down: AtomicBool::new(false),
-    });
+    let board = Board::new(Instant::now(), &spool, &events);
     let (tx, rx) = mpsc::channel();
     let signals = SignalThread::start(tx.clone())?;
     let (pending, _) = spool.usage();
@@ -426,7 +435,7 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
         Board::on_upload_state(&board),
         (tx, Control::UploadDone),
     )
-    .map_err(DaemonError::Spool)?;
+    .map_err(upload_start)?;
     uploader.finish();
     let mut stop_by: Option<Instant> = None;
     let mut done = false;

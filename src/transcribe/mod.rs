@@ -74,6 +74,15 @@ pub enum SetupError {
     },
 }
 
+/// Why the upload thread could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+    #[error("cannot start the upload thread: {0}")]
+    Thread(std::io::Error),
+}
+
 /// Everything the upload thread needs, built from `[transcribe]` before any thread starts.
 pub struct Setup {
     pub client: Client,
@@ -385,7 +394,7 @@ impl Uploader {
         keep_audio: bool,
         on_state: OnState,
         done: (Sender<T>, T),
-    ) -> Result<Uploader, spool::SpoolError> {
+    ) -> Result<Uploader, StartError> {
         let queue: VecDeque<Job> = spool
             .entries()?
             .into_iter()
@@ -419,10 +428,7 @@ impl Uploader {
                 let _done = DoneGuard(Some(done));
                 worker.run()
             })
-            .map_err(|source| spool::SpoolError::Dir {
-                path: PathBuf::from("(upload thread)"),
-                source,
-            })?;
+            .map_err(StartError::Thread)?;
         Ok(Uploader {
             tx,
             thread: Some(thread),
