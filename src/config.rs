@@ -154,6 +154,8 @@ table!(OutputConfig {
     socket: PathBuf = PathBuf::new(),
     /// Octal digits, e.g. `"0660"`; see [`OutputConfig::socket_mode_bits`].
     socket_mode: String = "0660".into(),
+    /// Group that owns the socket (name); empty: the process's group.
+    socket_group: String = String::new(),
     /// 0 disables periodic status output.
     status_interval_s: u32 = 60,
     mqtt: MqttConfig = MqttConfig::default(),
@@ -168,6 +170,10 @@ table!(MqttConfig {
     username: String = String::new(),
     password_file: PathBuf = PathBuf::new(),
     ca_file: PathBuf = PathBuf::new(),
+    /// Events kept while the broker is away; beyond it the oldest are dropped (counted).
+    queue: u32 = 1000,
+    /// Publish Home Assistant MQTT discovery configs (a transcript sensor, a speaking sensor).
+    homeassistant_discovery: bool = false,
 });
 
 keyword!(Source { Alsa, File, Stdin });
@@ -623,6 +629,7 @@ impl Config {
         p.range("status_interval_s", o.status_interval_s, 0, 86_400);
         p.url("mqtt.url", &o.mqtt.url, ["mqtt://", "mqtts://"], true);
         p.range("mqtt.qos", o.mqtt.qos, 0, 2);
+        p.range("mqtt.queue", o.mqtt.queue, 1, 1_000_000);
         p.found
     }
 

@@ -91,6 +91,8 @@ enum Control {
     Signal(i32),
     PipelineDone,
     UploadDone,
+    /// A sink stopped by itself (stdout closed by its reader).
+    SinkGone(&'static str),
 }
 
 /// How long a stop signal leaves the upload in flight (and the last utterance) to finish.
@@ -103,14 +105,16 @@ struct Board {
     events: Events,
     capture: OnceLock<Arc<Shared>>,
     upload_down: AtomicBool,
+    dropped: sink::Dropped,
 }
 
 impl Board {
-    fn new(started: Instant, spool: &Arc<Spool>, events: &Events) -> Arc<Board> {
+    fn new(started: Instant, spool: &Arc<Spool>, sinks: &Sinks) -> Arc<Board> {
         Arc::new(Board {
             started,
             spool: spool.clone(),
-            events: events.clone(),
+            events: sinks.events.clone(),
+            dropped: sinks.dropped.clone(),
             capture: OnceLock::new(),
             upload_down: AtomicBool::new(false),
         })
@@ -136,6 +140,7 @@ impl Board {
             overruns,
             spool_pending: pending,
             spool_bytes: bytes,
+            events_dropped: self.dropped.get(),
             uptime_s: self.started.elapsed().as_secs(),
         });
     }
@@ -155,6 +160,18 @@ impl Board {
 struct Sinks {
     events: Events,
     handles: Vec<SinkHandle>,
+    /// How many sinks were started; each `SinkGone` takes one away.
+    running: usize,
+    dropped: sink::Dropped,
+}
+
+impl Sinks {
+    /// Note that a sink ended; `true` when none is left (nothing would see hark's events).
+    fn gone(&mut self, name: &str) -> bool {
+        self.running = self.running.saturating_sub(1);
+        tracing::info!("the {name} sink stopped; {} left", self.running);
+        self.running == 0
+    }
 }
 
 impl Drop for Sinks {
@@ -164,22 +181,34 @@ impl Drop for Sinks {
     }
 }
 
-/// Start the configured sinks.
-fn start_sinks(config: &Config) -> Result<Sinks, DaemonError> {
+/// Start the configured sinks; each tells `control` when it stops by itself.
+fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, DaemonError> {
+    let dropped = sink::Dropped::default();
     let mut handles: Vec<SinkHandle> = Vec::new();
     let mut queues = Vec::new();
+    let mut backends: Vec<Box<dyn sink::Sink>> = Vec::new();
     if config.output.stdout {
-        let (queue, handle) = sink::spawn(Box::new(StdoutSink::new(config.output.format)))
-            .map_err(|source| DaemonError::Start {
-                what: "the stdout sink",
+        backends.push(Box::new(StdoutSink::new(config.output.format)));
+    }
+    for backend in backends {
+        let tx = control.clone();
+        let on_end: sink::OnEnd = Box::new(move |name, _| {
+            let _ = tx.send(Control::SinkGone(name));
+        });
+        let (queue, handle) =
+            sink::spawn(backend, dropped.clone(), on_end).map_err(|source| DaemonError::Start {
+                what: "a sink thread",
                 source,
             })?;
         queues.push(queue);
         handles.push(handle);
     }
+    let events = Events::new(config.device_id(), queues);
     Ok(Sinks {
-        events: Events::new(config.device_id(), queues),
+        events,
+        running: handles.len(),
         handles,
+        dropped,
     })
 }
 
@@ -255,15 +284,15 @@ fn transcription(config: &Config, args: &RunArgs) -> Result<Option<Setup>, Daemo
 /// thread did.
 pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
     let started = Instant::now();
-    let sinks = start_sinks(config)?;
+    let (tx, rx) = mpsc::channel();
+    let mut sinks = start_sinks(config, &tx)?;
     let events = sinks.events.clone();
     let spool = Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?);
     let setup = transcription(config, args)?;
     let (source, opened) = open_source(config, args)?;
     let label = source.describe();
-    let board = Board::new(started, &spool, &events);
+    let board = Board::new(started, &spool, &sinks);
 
-    let (tx, rx) = mpsc::channel();
     let signals = SignalThread::start(tx.clone())?;
     let uploader = match setup {
         Some(setup) => {
@@ -346,6 +375,18 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
                     u.stop(deadline);
                 }
             }
+            Ok(Control::SinkGone(name)) => {
+                // `hark | head -1`: nobody sees the events any more; stop as on SIGTERM.
+                if sinks.gone(name) && stop_by.is_none() {
+                    tracing::info!("no sink is left to take events; stopping");
+                    pipeline.stop();
+                    let deadline = Instant::now() + UPLOAD_GRACE;
+                    stop_by = Some(deadline);
+                    if let (true, Some(u)) = (pipeline_done, &uploader) {
+                        u.stop(deadline);
+                    }
+                }
+            }
             Ok(Control::PipelineDone) => {
                 pipeline_done = true;
                 if let Some(u) = &uploader {
@@ -409,7 +450,8 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
 /// `hark upload`: transcribe everything waiting in the spool, oldest first, and exit. When no
 /// endpoint answers, the rest stays in the spool for the next try.
 pub fn upload(config: &Config) -> Result<Report, DaemonError> {
-    let sinks = start_sinks(config)?;
+    let (tx, rx) = mpsc::channel();
+    let mut sinks = start_sinks(config, &tx)?;
     let events = sinks.events.clone();
     let spool = Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?);
     let Some(setup) = Setup::from_config(&config.transcribe)? else {
@@ -418,8 +460,7 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
             env: config.transcribe.api_key_env.clone(),
         }));
     };
-    let board = Board::new(Instant::now(), &spool, &events);
-    let (tx, rx) = mpsc::channel();
+    let board = Board::new(Instant::now(), &spool, &sinks);
     let signals = SignalThread::start(tx.clone())?;
     let (pending, _) = spool.usage();
     tracing::info!(
@@ -449,6 +490,14 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
                 break;
             }
             Ok(Control::Signal(SIGHUP)) | Ok(Control::PipelineDone) => {}
+            Ok(Control::SinkGone(name)) => {
+                if sinks.gone(name) && stop_by.is_none() {
+                    tracing::info!("no sink is left to take events; stopping the upload");
+                    let deadline = Instant::now() + UPLOAD_GRACE;
+                    stop_by = Some(deadline);
+                    uploader.stop(deadline);
+                }
+            }
             Ok(Control::Signal(sig)) => {
                 tracing::info!("signal {sig}: stopping the upload");
                 let deadline = match stop_by {

@@ -133,6 +133,8 @@ pub enum EventKind {
         overruns: u64,
         spool_pending: u64,
         spool_bytes: u64,
+        /// Event lines lost by the sinks (full queues, slow socket clients, MQTT's queue).
+        events_dropped: u64,
         uptime_s: u64,
     },
 }
@@ -168,6 +170,9 @@ struct Envelope<'a> {
 #[derive(Debug, Clone)]
 pub struct Line {
     pub kind: &'static str,
+    /// The event's `seq`: a sink that starts a new reader mid-stream (a socket client) uses it to
+    /// skip what was emitted before that reader's first line.
+    pub seq: u64,
     pub json: Arc<str>,
     /// For `transcript` events, the text alone (stdout's `text` format).
     pub text: Option<Arc<str>>,
@@ -214,6 +219,34 @@ impl Events {
         if self.inner.closed.load(Ordering::Relaxed) {
             return false;
         }
+        let Some(line) = self.serialize(&kind) else {
+            return false;
+        };
+        let mut taken = queues.is_empty();
+        for queue in queues.iter_mut() {
+            taken |= queue.offer(&line);
+        }
+        taken
+    }
+
+    /// Number and serialize an event without handing it to the sinks: the first line for one
+    /// new reader (a socket client's `status`). `None` after [`Events::close`].
+    ///
+    /// The caller may hold a lock that its sink's `write` also takes: this takes the events
+    /// lock, which `emit` holds only while offering lines to queues (never while a sink writes).
+    pub fn render(&self, kind: &EventKind) -> Option<Line> {
+        let _queues = match self.inner.queues.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.serialize(kind)
+    }
+
+    /// Called with the events lock held, so that `seq` order is queueing order.
+    fn serialize(&self, kind: &EventKind) -> Option<Line> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         let envelope = Envelope {
             v: 1,
@@ -221,30 +254,26 @@ impl Events {
             device: &self.inner.device,
             seq,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            kind: &kind,
+            kind,
         };
         let json = match serde_json::to_string(&envelope) {
             Ok(json) => json,
             // Serializing plain structs of strings and numbers cannot fail; log rather than panic.
             Err(e) => {
                 tracing::error!("cannot serialize a {} event: {e}", kind.name());
-                return false;
+                return None;
             }
         };
-        let text = match &kind {
+        let text = match kind {
             EventKind::Transcript { text, .. } => Some(Arc::from(text.as_str())),
             _ => None,
         };
-        let line = Line {
+        Some(Line {
             kind: kind.name(),
+            seq,
             json: json.into(),
             text,
-        };
-        let mut taken = queues.is_empty();
-        for queue in queues.iter_mut() {
-            taken |= queue.offer(&line);
-        }
-        taken
+        })
     }
 
     /// Close every sink queue; the sink threads drain what they hold and end.

@@ -1,18 +1,19 @@
 //! Where events go. Each sink runs in its own thread behind a bounded queue; a slow or dead sink loses
 //! its own events (counted), never the pipeline's time.
 //!
-//! Backends implement [`Sink`]. This module does not retry or reconnect:
-//! a backend that needs to (MQTT) does so inside its own `write`.
+//! Backends implement [`Sink`]. This module does not retry or reconnect: a backend that needs to
+//! (MQTT) does so in its own threads, and its `write` and `tick` never wait on the network.
 
 pub mod stdout;
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
-use crate::event::Line;
+use crate::event::{EventKind, Events, Line, Stage};
 
 /// Events waiting for one sink before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -23,23 +24,81 @@ pub trait Sink: Send + 'static {
     fn name(&self) -> &'static str;
     /// Deliver one line. An error stops this sink (and only this sink).
     fn write(&mut self, line: &Line) -> io::Result<()>;
+    /// How often [`Sink::tick`] wants to run while no line comes; `None`: never.
+    fn tick_every(&self) -> Option<Duration> {
+        None
+    }
+    /// Periodic work between lines (a backend's own queue after a reconnect).
+    fn tick(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Lines lost by every sink together (queues full, a slow socket client, MQTT's queue overflowing):
+/// reported as `events_dropped` in `status` events.
+#[derive(Clone, Default)]
+pub struct Dropped(Arc<AtomicU64>);
+
+impl Dropped {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// How a sink reports trouble as events (`error`, stage `sink`). Sinks are built before the
+/// [`Events`] handle that feeds them exists, so the handle is set once it does.
+#[derive(Clone, Default)]
+pub struct Reporter(Arc<OnceLock<Events>>);
+
+impl Reporter {
+    pub fn set(&self, events: &Events) {
+        let _ = self.0.set(events.clone());
+    }
+
+    pub fn events(&self) -> Option<&Events> {
+        self.0.get()
+    }
+
+    pub fn error(&self, code: &'static str, message: String, retrying: bool) {
+        if let Some(events) = self.0.get() {
+            events.emit(EventKind::Error {
+                stage: Stage::Sink,
+                code,
+                message,
+                retrying,
+            });
+        }
+    }
 }
 
 /// The sending side of one sink's bounded queue.
 pub struct SinkQueue {
     name: &'static str,
     tx: SyncSender<Line>,
-    dropped: Arc<AtomicU64>,
+    dropped: Dropped,
+    warned: bool,
 }
 
 impl SinkQueue {
     /// A queue and its receiving end, for a sink thread or a test.
     pub fn pair(name: &'static str, capacity: usize) -> (SinkQueue, Receiver<Line>) {
+        Self::counted(name, capacity, Dropped::default())
+    }
+
+    fn counted(
+        name: &'static str,
+        capacity: usize,
+        dropped: Dropped,
+    ) -> (SinkQueue, Receiver<Line>) {
         let (tx, rx) = mpsc::sync_channel(capacity);
         let queue = SinkQueue {
             name,
             tx,
-            dropped: Arc::new(AtomicU64::new(0)),
+            dropped,
+            warned: false,
         };
         (queue, rx)
     }
@@ -50,8 +109,8 @@ impl SinkQueue {
         match self.tx.try_send(line.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed);
-                if n == 0 {
+                self.dropped.add(1);
+                if !std::mem::replace(&mut self.warned, true) {
                     tracing::warn!("sink {} is not keeping up; dropping its events", self.name);
                 }
                 false
@@ -87,24 +146,29 @@ impl Drop for SinkHandle {
     }
 }
 
-/// Start a sink's thread; returns the queue to hand to [`crate::event::Events`].
-pub fn spawn(mut sink: Box<dyn Sink>) -> io::Result<(SinkQueue, SinkHandle)> {
+/// Called once when a sink stops by itself (its error), not when hark closes it.
+pub type OnEnd = Box<dyn FnOnce(&'static str, io::Error) + Send>;
+
+/// Start a sink's thread; returns the queue to hand to [`crate::event::Events`]. Lines its queue
+/// drops are counted in `dropped`.
+pub fn spawn(
+    mut sink: Box<dyn Sink>,
+    dropped: Dropped,
+    on_end: OnEnd,
+) -> io::Result<(SinkQueue, SinkHandle)> {
     let name = sink.name();
-    let (queue, rx) = SinkQueue::pair(name, QUEUE_CAPACITY);
+    let (queue, rx) = SinkQueue::counted(name, QUEUE_CAPACITY, dropped);
     let thread = thread::Builder::new()
         .name(format!("hark-sink-{name}"))
         .spawn(move || {
-            for line in rx {
-                if let Err(e) = sink.write(&line) {
-                    if e.kind() == io::ErrorKind::BrokenPipe {
-                        tracing::warn!("{name} was closed; no more events are written there");
-                    } else {
-                        tracing::error!(
-                            "sink {name} failed: {e}; no more events are written there"
-                        );
-                    }
-                    return;
+            let result = drive(sink.as_mut(), &rx);
+            if let Err(e) = result {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    tracing::warn!("{name} was closed; no more events are written there");
+                } else {
+                    tracing::error!("sink {name} failed: {e}; no more events are written there");
                 }
+                on_end(name, e);
             }
         })?;
     Ok((
@@ -113,4 +177,25 @@ pub fn spawn(mut sink: Box<dyn Sink>) -> io::Result<(SinkQueue, SinkHandle)> {
             thread: Some(thread),
         },
     ))
+}
+
+/// Feed a sink until its queue closes (`Ok`) or it fails.
+fn drive(sink: &mut dyn Sink, rx: &Receiver<Line>) -> io::Result<()> {
+    loop {
+        let line = match sink.tick_every() {
+            None => match rx.recv() {
+                Ok(line) => line,
+                Err(_) => return Ok(()),
+            },
+            Some(every) => match rx.recv_timeout(every) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => {
+                    sink.tick()?;
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            },
+        };
+        sink.write(&line)?;
+    }
 }
