@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError, Source as SourceKind};
 use crate::encode::EncodeSettings;
 use crate::event::{EventKind, Events, State};
 use crate::pipeline::{DspConfig, Pipeline, Summary};
+use crate::sink::socket::{self, SocketSink};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 use crate::spool::{Spool, SpoolError};
 use crate::transcribe::{self, OnState, Patience, Report, Setup, SetupError, Uploader};
@@ -49,6 +50,9 @@ pub enum DaemonError {
         .0.waiting
     )]
     Incomplete(Report),
+    /// The event socket cannot be made: exit 78 (`socket_group`, a path too long) or 1.
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
     /// A thread or the signal handler could not be started: exit 1.
     #[error("cannot start {what}: {source}")]
     Start {
@@ -63,6 +67,7 @@ impl DaemonError {
         match self {
             DaemonError::Config(_) | DaemonError::Transcribe(_) => 78,
             DaemonError::NoDevice(_) => 69,
+            DaemonError::Socket(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -110,17 +115,28 @@ struct Board {
 
 impl Board {
     fn new(started: Instant, spool: &Arc<Spool>, sinks: &Sinks) -> Arc<Board> {
-        Arc::new(Board {
+        let board = Arc::new(Board {
             started,
             spool: spool.clone(),
             events: sinks.events.clone(),
             dropped: sinks.dropped.clone(),
             capture: OnceLock::new(),
             upload_down: AtomicBool::new(false),
-        })
+        });
+        // A socket client's first line; weak, so that the sinks do not keep the board alive.
+        let weak = Arc::downgrade(&board);
+        sinks
+            .status
+            .set(Box::new(move || weak.upgrade().map(|b| b.status_kind())));
+        board
     }
 
     fn emit(&self) {
+        self.events.emit(self.status_kind());
+    }
+
+    /// The `status` event as of now, without emitting it.
+    fn status_kind(&self) -> EventKind {
         let (pending, bytes) = self.spool.usage();
         let (capture_ok, overruns) = match self.capture.get() {
             // A file that ended is not a fault; a device being reopened is.
@@ -135,14 +151,14 @@ impl Board {
         } else {
             State::Degraded
         };
-        self.events.emit(EventKind::Status {
+        EventKind::Status {
             state,
             overruns,
             spool_pending: pending,
             spool_bytes: bytes,
             events_dropped: self.dropped.get(),
             uptime_s: self.started.elapsed().as_secs(),
-        });
+        }
     }
 
     /// The upload thread's callback: record the transition and report it at once.
@@ -163,6 +179,8 @@ struct Sinks {
     /// How many sinks were started; each `SinkGone` takes one away.
     running: usize,
     dropped: sink::Dropped,
+    /// How a sink builds a `status` event of its own (a socket client's first line).
+    status: socket::StatusSource,
 }
 
 impl Sinks {
@@ -187,8 +205,19 @@ fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, Daem
     let mut handles: Vec<SinkHandle> = Vec::new();
     let mut queues = Vec::new();
     let mut backends: Vec<Box<dyn sink::Sink>> = Vec::new();
+    let reporter = sink::Reporter::default();
+    let status = socket::StatusSource::default();
     if config.output.stdout {
         backends.push(Box::new(StdoutSink::new(config.output.format)));
+    }
+    if !config.output.socket.as_os_str().is_empty() {
+        let sink = SocketSink::bind(
+            &config.output,
+            status.clone(),
+            reporter.clone(),
+            dropped.clone(),
+        )?;
+        backends.push(Box::new(sink));
     }
     for backend in backends {
         let tx = control.clone();
@@ -204,11 +233,13 @@ fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, Daem
         handles.push(handle);
     }
     let events = Events::new(config.device_id(), queues);
+    reporter.set(&events);
     Ok(Sinks {
         events,
         running: handles.len(),
         handles,
         dropped,
+        status,
     })
 }
 

@@ -307,6 +307,8 @@ pub struct Running {
     pub events: mpsc::Receiver<Value>,
     pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
     stderr_thread: Option<std::thread::JoinHandle<()>>,
+    /// Each stderr line as it comes, for [`Running::wait_stderr`].
+    stderr_lines: mpsc::Receiver<String>,
 }
 
 impl Running {
@@ -331,12 +333,14 @@ impl Running {
         });
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let sink = stderr.clone();
+        let (line_tx, stderr_lines) = mpsc::channel();
         let stderr_thread = std::thread::spawn(move || {
             for line in BufReader::new(&mut stderr_pipe).lines() {
                 let Ok(line) = line else { break };
                 let mut all = sink.lock().unwrap();
                 all.push_str(&line);
                 all.push('\n');
+                let _ = line_tx.send(line);
             }
         });
         Running {
@@ -344,7 +348,18 @@ impl Running {
             events: rx,
             stderr,
             stderr_thread: Some(stderr_thread),
+            stderr_lines,
         }
+    }
+
+    /// Wait for the next stderr line that contains `needle` (a log line such as "listening on").
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
+        wait_line(&self.stderr_lines, limit, |l| l.contains(needle)).unwrap_or_else(|| {
+            panic!(
+                "no stderr line with {needle:?} within {limit:?}; stderr: {}",
+                self.stderr.lock().unwrap()
+            )
+        })
     }
 
     /// Wait for the next event matching `pred`, collecting everything seen into `seen`.
@@ -451,4 +466,89 @@ pub fn write_stdin(child: &mut Child, samples: &[i16]) {
         .expect("stdin")
         .write_all(&bytes)
         .expect("write stdin");
+}
+
+/// Every line `reader` gives, on a channel, read by a thread of its own until end of file.
+pub fn lines_of(reader: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The next line from `lines` that matches `pred`, skipping others; `None` at end of input or
+/// when `limit` passes first.
+pub fn wait_line(
+    lines: &mpsc::Receiver<String>,
+    limit: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if pred(&line) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A reader of hark's event socket: every line it receives, on a channel.
+pub struct SocketClient {
+    pub stream: std::os::unix::net::UnixStream,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl SocketClient {
+    /// Connect to `path` and read lines in a thread of its own.
+    pub fn connect(path: &Path) -> SocketClient {
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+        let lines = lines_of(stream.try_clone().expect("clone the client socket"));
+        SocketClient { stream, lines }
+    }
+
+    /// The next line, or `None` at end of input; fails the test after `limit`.
+    pub fn next(&self, limit: Duration) -> Option<String> {
+        match self.lines.recv_timeout(limit) {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("no line from the socket within {limit:?}")
+            }
+        }
+    }
+
+    /// Every line until hark closes the connection; fails the test after `limit`.
+    pub fn rest(&self, limit: Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return out,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "the socket was not closed within {limit:?}; got {} lines",
+                        out.len()
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SocketClient {
+    /// Hang up (the reading thread holds a second handle that would keep the connection open).
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
 }
