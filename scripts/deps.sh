@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install the Debian packages hark needs, only those missing.
 #   scripts/deps.sh build   libasound2-dev, pkg-config, cmake, make, gcc (to build hark)
-#   scripts/deps.sh test    the build set plus espeak-ng, sox, opus-tools (for the tests)
+#   scripts/deps.sh test    the build set plus espeak-ng, sox, opus-tools, mosquitto and
+#                           mosquitto-clients (for the tests)
 set -euo pipefail
 want=(libasound2-dev pkg-config cmake make gcc)
 if [ "${1:-build}" = test ]; then
-  want+=(espeak-ng sox opus-tools)
+  want+=(espeak-ng sox opus-tools mosquitto mosquitto-clients)
 fi
 missing=()
 for p in "${want[@]}"; do

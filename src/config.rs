@@ -628,6 +628,15 @@ impl Config {
         }
         p.range("status_interval_s", o.status_interval_s, 0, 86_400);
         p.url("mqtt.url", &o.mqtt.url, ["mqtt://", "mqtts://"], true);
+        if !o.mqtt.url.is_empty()
+            && let Err(why) = crate::sink::mqtt::Broker::parse(&o.mqtt.url)
+        {
+            p.fail("mqtt.url", why);
+        }
+        if !crate::sink::mqtt::topic_text_ok(&o.mqtt.topic_prefix) {
+            let msg = format!("cannot contain +, # or NUL, got {:?}", o.mqtt.topic_prefix);
+            p.fail("mqtt.topic_prefix", msg);
+        }
         p.range("mqtt.qos", o.mqtt.qos, 0, 2);
         p.range("mqtt.queue", o.mqtt.queue, 1, 1_000_000);
         p.found

@@ -19,6 +19,7 @@ use crate::config::{Config, ConfigError, Source as SourceKind};
 use crate::encode::EncodeSettings;
 use crate::event::{EventKind, Events, State};
 use crate::pipeline::{DspConfig, Pipeline, Summary};
+use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 use crate::spool::{Spool, SpoolError};
@@ -43,6 +44,9 @@ pub enum DaemonError {
     /// Transcription is misconfigured (keys, trust roots, speakers): exit 78.
     #[error(transparent)]
     Transcribe(#[from] SetupError),
+    /// The MQTT output is misconfigured (URL, password or CA file): exit 78.
+    #[error(transparent)]
+    Mqtt(MqttError),
     /// `hark upload` left utterances behind: exit 1.
     #[error(
         "{} utterances failed for good (see spool/failed/), {} still wait in the spool",
@@ -65,7 +69,7 @@ impl DaemonError {
     /// The process exit code for this error (sysexits: 78 config, 69 unavailable).
     pub fn exit_code(&self) -> u8 {
         match self {
-            DaemonError::Config(_) | DaemonError::Transcribe(_) => 78,
+            DaemonError::Config(_) | DaemonError::Transcribe(_) | DaemonError::Mqtt(_) => 78,
             DaemonError::NoDevice(_) => 69,
             DaemonError::Socket(e) => e.exit_code(),
             _ => 1,
@@ -202,10 +206,10 @@ impl Drop for Sinks {
 /// Start the configured sinks; each tells `control` when it stops by itself.
 fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, DaemonError> {
     let dropped = sink::Dropped::default();
+    let reporter = sink::Reporter::default();
     let mut handles: Vec<SinkHandle> = Vec::new();
     let mut queues = Vec::new();
     let mut backends: Vec<Box<dyn sink::Sink>> = Vec::new();
-    let reporter = sink::Reporter::default();
     let status = socket::StatusSource::default();
     if config.output.stdout {
         backends.push(Box::new(StdoutSink::new(config.output.format)));
@@ -216,6 +220,20 @@ fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, Daem
             status.clone(),
             reporter.clone(),
             dropped.clone(),
+        )?;
+        backends.push(Box::new(sink));
+    }
+    if !config.output.mqtt.url.is_empty() {
+        let mqtt = &config.output.mqtt;
+        let device = config.device_id();
+        let sink = MqttSink::start(mqtt, &device, dropped.clone(), reporter.clone()).map_err(
+            |e| match e {
+                MqttError::Start(source) => DaemonError::Start {
+                    what: "the MQTT connection thread",
+                    source,
+                },
+                e => DaemonError::Mqtt(e),
+            },
         )?;
         backends.push(Box::new(sink));
     }

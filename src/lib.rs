@@ -21,5 +21,6 @@ pub mod event;
 pub mod pipeline;
 pub mod sink;
 pub mod spool;
+pub mod tls;
 pub mod transcribe;
 pub mod vad;

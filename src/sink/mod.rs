@@ -4,6 +4,7 @@
 //! Backends implement [`Sink`]. This module does not retry or reconnect: a backend that needs to
 //! (MQTT) does so in its own threads, and its `write` and `tick` never wait on the network.
 
+pub mod mqtt;
 pub mod socket;
 pub mod stdout;
 

@@ -244,40 +244,21 @@ impl Client {
         timeout: Duration,
         ca_file: Option<&Path>,
     ) -> Result<Client, TlsSetupError> {
-        let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+        let roots: Vec<Certificate<'static>> = crate::tls::trust_roots(ca_file)
+            .map_err(|e| match e {
+                crate::tls::CaFileError::Read { path, source } => {
+                    TlsSetupError::Read { path, source }
+                }
+                crate::tls::CaFileError::Empty { path } => TlsSetupError::Empty { path },
+            })?
             .iter()
             .map(|c| Certificate::from_der(c.as_ref()).to_owned())
             .collect();
-        let native = rustls_native_certs::load_native_certs();
-        roots.extend(
-            native
-                .certs
-                .iter()
-                .map(|c| Certificate::from_der(c.as_ref()).to_owned()),
-        );
-        if let Some(path) = ca_file {
-            let shown = path.display().to_string();
-            let pem = std::fs::read(path).map_err(|source| TlsSetupError::Read {
-                path: shown.clone(),
-                source,
-            })?;
-            let before = roots.len();
-            for item in ureq::tls::parse_pem(&pem).flatten() {
-                if let ureq::tls::PemItem::Certificate(c) = item {
-                    roots.push(c);
-                }
-            }
-            if roots.len() == before {
-                return Err(TlsSetupError::Empty { path: shown });
-            }
-        }
         // ring, set here rather than through a ureq feature, so that neither ureq's copy of
         // the webpki roots nor a process-wide default provider is involved.
         let tls = TlsConfig::builder()
             .provider(TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+            .unversioned_rustls_crypto_provider(crate::tls::provider())
             .root_certs(RootCerts::new_with_certs(&roots))
             .build();
         let agent = ureq::Agent::config_builder()

@@ -13,6 +13,7 @@ use serde_json::Value;
 
 pub const RATE: u32 = 16_000;
 
+pub mod mosquitto;
 pub mod server;
 
 pub fn hark() -> Command {

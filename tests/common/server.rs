@@ -34,11 +34,16 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 pub struct TestCa {
     /// The CA's certificate in PEM, for the client to trust.
     pub ca_pem: PathBuf,
+    /// The server's certificate and its private key (PKCS#8) in PEM, for servers other than
+    /// this module's (mosquitto).
+    pub leaf_pem: PathBuf,
+    pub leaf_key: PathBuf,
     config: Arc<ServerConfig>,
 }
 
 /// Makes a self-signed CA and a leaf certificate for 127.0.0.1, ::1 and "localhost" signed by it;
-/// writes the CA's PEM to dir/ca.pem.
+/// writes the CA's PEM to dir/ca.pem, and the leaf's certificate and key to dir/leaf.pem and
+/// dir/leaf.key.
 pub fn test_ca(dir: &Path) -> TestCa {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -83,6 +88,15 @@ pub fn test_ca(dir: &Path) -> TestCa {
     std::fs::write(&ca_pem, ca_cert.pem())
         .unwrap_or_else(|e| panic!("writing {}: {e}", ca_pem.display()));
 
+    let leaf_pem = dir.join("leaf.pem");
+    let leaf_key_pem = dir.join("leaf.key");
+    for (path, pem) in [
+        (&leaf_pem, leaf_cert.pem()),
+        (&leaf_key_pem, leaf_key.serialize_pem()),
+    ] {
+        std::fs::write(path, pem).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    }
+
     let chain: Vec<CertificateDer<'static>> = vec![leaf_cert.der().clone(), ca_cert.der().clone()];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
     let config =
@@ -94,6 +108,8 @@ pub fn test_ca(dir: &Path) -> TestCa {
             .expect("server certificate and key");
     TestCa {
         ca_pem,
+        leaf_pem,
+        leaf_key: leaf_key_pem,
         config: Arc::new(config),
     }
 }
