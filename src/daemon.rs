@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, Source as SourceKind};
 
 use crate::encode::EncodeSettings;
 use crate::event::{EventKind, Events, State};
-use crate::pipeline::{DspConfig, Pipeline, Summary};
+use crate::pipeline::{DspConfig, DspUpdate, Pipeline, Summary};
 use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
@@ -329,9 +329,21 @@ fn transcription(config: &Config, args: &RunArgs) -> Result<Option<Setup>, Daemo
     Ok(setup)
 }
 
+/// Loads the config again (the same file and overrides) when SIGHUP comes.
+pub type Reload = Box<dyn Fn() -> Result<Config, ConfigError>>;
+
 /// Run the daemon until end of input (and every upload) or a stop signal. Returns what the dsp
 /// thread did.
 pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
+    run_with_reload(config, args, None)
+}
+
+/// [`run`], reloading the config with `reload` on SIGHUP.
+pub fn run_with_reload(
+    config: &Config,
+    args: &RunArgs,
+    reload: Option<Reload>,
+) -> Result<Summary, DaemonError> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel();
     let mut sinks = start_sinks(config, &tx)?;
@@ -392,6 +404,7 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         s => Duration::from_secs(u64::from(s)),
     };
     let mut next_status = Instant::now() + every;
+    let mut current = config.clone();
     let mut stop_by: Option<Instant> = None;
     let mut pipeline_done = false;
     let mut upload_done = uploader.is_none();
@@ -408,9 +421,13 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
             wake = wake.min(deadline);
         }
         match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Ok(Control::Signal(SIGHUP)) => {
-                tracing::info!("SIGHUP: reloading the config is not supported yet; ignored");
-            }
+            Ok(Control::Signal(SIGHUP)) => match &reload {
+                Some(load) => {
+                    current = reconfigure(&current, load(), &pipeline, uploader.as_ref(), &events);
+                    board.emit();
+                }
+                None => tracing::info!("SIGHUP: there is no config to reload"),
+            },
             Ok(Control::Signal(sig)) => {
                 if stop_by.is_none() {
                     tracing::info!("signal {sig}: closing the open utterance and stopping");
@@ -494,6 +511,88 @@ pub fn run(config: &Config, args: &RunArgs) -> Result<Summary, DaemonError> {
         None if failed.failed > 0 && stop_by.is_none() => Err(DaemonError::Incomplete(failed)),
         None => Ok(summary),
     }
+}
+
+/// Apply a reloaded config: vad and encode settings go to the dsp thread (from its next utterance),
+/// `[transcribe]` to the upload thread; what needs a restart is named in a log line and keeps its
+/// running value. A config that does not load is refused (an `error` event) and the old one stays.
+/// Returns the config now in effect.
+fn reconfigure(
+    old: &Config,
+    loaded: Result<Config, ConfigError>,
+    pipeline: &Pipeline,
+    uploader: Option<&Uploader>,
+    events: &Events,
+) -> Config {
+    let new = match loaded {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e}; the running config stays");
+            events.emit(EventKind::Error {
+                stage: crate::event::Stage::Config,
+                code: "reload_failed",
+                message: format!("{e}; the running config stays"),
+                retrying: false,
+            });
+            return old.clone();
+        }
+    };
+    let mut restart = Vec::new();
+    let mut now = new.clone();
+    if new.device_id != old.device_id {
+        restart.push("device_id");
+        now.device_id = old.device_id.clone();
+    }
+    if new.capture != old.capture {
+        restart.push("[capture] (device, rate, channels, ...)");
+        now.capture = old.capture.clone();
+    }
+    if new.vad.frame_ms != old.vad.frame_ms {
+        restart.push("vad.frame_ms");
+        now.vad.frame_ms = old.vad.frame_ms;
+    }
+    if new.spool != old.spool {
+        restart.push("[spool]");
+        now.spool = old.spool.clone();
+    }
+    if new.output != old.output {
+        restart.push("[output] (the outputs are not restarted live yet)");
+        now.output = old.output.clone();
+    }
+    let dsp = dsp_config(&now, String::new());
+    pipeline.reconfigure(DspUpdate {
+        segmenter: dsp.segmenter,
+        vad_mode: dsp.vad_mode,
+        encode: dsp.encode,
+    });
+    if now.transcribe != old.transcribe {
+        match (uploader, Setup::from_config(&now.transcribe)) {
+            (Some(u), Ok(Some(setup))) => u.reconfigure(setup),
+            (Some(_), Ok(None)) => {
+                tracing::error!(
+                    "SIGHUP: {}; the running [transcribe] stays",
+                    transcribe::no_key_hint(&now.transcribe)
+                );
+                now.transcribe = old.transcribe.clone();
+            }
+            (Some(_), Err(e)) => {
+                tracing::error!("SIGHUP: {e}; the running [transcribe] stays");
+                now.transcribe = old.transcribe.clone();
+            }
+            (None, _) => {
+                restart.push("[transcribe] (transcription was off at start)");
+                now.transcribe = old.transcribe.clone();
+            }
+        }
+    }
+    if !restart.is_empty() {
+        tracing::warn!(
+            "SIGHUP: these settings change only with a restart, their running values stay: {}",
+            restart.join(", ")
+        );
+    }
+    tracing::info!("SIGHUP: config reloaded");
+    now
 }
 
 /// `hark upload`: transcribe everything waiting in the spool, oldest first, and exit. When no

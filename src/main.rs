@@ -50,8 +50,11 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
             };
             let mut overrides = global.set.clone();
             overrides.extend(daemon::run_overrides(&args));
-            let config = Config::load(global.config_path(None).as_deref(), &overrides)?;
-            daemon::run(&config, &args).map(|_| ())
+            let path = global.config_path(None);
+            let config = Config::load(path.as_deref(), &overrides)?;
+            let reload: daemon::Reload =
+                Box::new(move || Config::load(path.as_deref(), &overrides));
+            daemon::run_with_reload(&config, &args, Some(reload)).map(|_| ())
         }
     }
 }

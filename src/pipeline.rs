@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -32,6 +32,15 @@ pub struct DspConfig {
     pub announce_audio: bool,
 }
 
+/// New dsp settings from a reloaded config (SIGHUP). Applied between utterances, so an utterance
+/// is cut by one set of rules; `frame_ms` cannot change without a restart.
+#[derive(Debug, Clone, Copy)]
+pub struct DspUpdate {
+    pub segmenter: Settings,
+    pub vad_mode: u8,
+    pub encode: EncodeSettings,
+}
+
 /// Counts of what the dsp thread did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -45,6 +54,7 @@ pub struct Pipeline {
     capture: Option<CaptureHandle>,
     dsp: Option<JoinHandle<Summary>>,
     shared: Arc<Shared>,
+    updates: Sender<DspUpdate>,
 }
 
 impl Pipeline {
@@ -61,6 +71,7 @@ impl Pipeline {
     ) -> std::io::Result<Pipeline> {
         let shared = Arc::new(Shared::default());
         let (writer, reader) = capture::ring(ring_samples, shared.clone());
+        let (updates, updates_rx) = mpsc::channel();
         let dsp_events = events.clone();
         let dsp = thread::Builder::new()
             .name("hark-dsp".into())
@@ -71,7 +82,7 @@ impl Pipeline {
                     shared: reader.shared().clone(),
                     notify: Some(done),
                 };
-                Dsp::new(config, spool, dsp_events).run(reader)
+                Dsp::new(config, updates_rx, spool, dsp_events).run(reader)
             })?;
         // Registered before capture starts, so the first push can wake the dsp thread.
         let _ = shared.consumer.set(dsp.thread().clone());
@@ -80,6 +91,7 @@ impl Pipeline {
             capture: Some(capture),
             dsp: Some(dsp),
             shared,
+            updates,
         })
     }
 
@@ -92,6 +104,11 @@ impl Pipeline {
         if let Some(d) = &self.dsp {
             d.thread().unpark();
         }
+    }
+
+    /// New vad and encode settings, taken by the dsp thread before its next utterance.
+    pub fn reconfigure(&self, update: DspUpdate) {
+        let _ = self.updates.send(update);
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -170,6 +187,21 @@ impl History {
         self.end += frame.len() as u64;
     }
 
+    /// Hold `samples` from now on, keeping the newest of what is held.
+    fn resize(&mut self, samples: usize) {
+        let cap = samples.max(1);
+        let mut kept = Vec::with_capacity(cap);
+        self.range(self.end.saturating_sub(cap as u64), |s| {
+            kept.extend_from_slice(s)
+        });
+        let start = self.end - kept.len() as u64;
+        let valid_from = self.valid_from.max(start);
+        self.buf = vec![0; cap];
+        self.end = start;
+        self.push(&kept);
+        self.valid_from = valid_from;
+    }
+
     /// The stream jumps `len` samples ahead: what is held is no longer anyone's pre-roll.
     fn skip(&mut self, len: u64) {
         self.end += len;
@@ -207,6 +239,8 @@ struct Utterance {
 /// The dsp thread's state.
 struct Dsp {
     config: DspConfig,
+    updates: Receiver<DspUpdate>,
+    pending: Option<DspUpdate>,
     spool: Arc<Spool>,
     events: Events,
     segmenter: Segmenter,
@@ -218,9 +252,16 @@ struct Dsp {
 }
 
 impl Dsp {
-    fn new(config: DspConfig, spool: Arc<Spool>, events: Events) -> Dsp {
+    fn new(
+        config: DspConfig,
+        updates: Receiver<DspUpdate>,
+        spool: Arc<Spool>,
+        events: Events,
+    ) -> Dsp {
         let s = config.segmenter;
         Dsp {
+            updates,
+            pending: None,
             segmenter: Segmenter::new(s),
             history: History::new((s.history_frames() * s.frame) as usize),
             config,
@@ -245,11 +286,10 @@ impl Dsp {
         let mut pos: u64 = 0;
         let shared = reader.shared().clone();
         let mut stop_seen: Option<std::time::Instant> = None;
-        let short_gap = self.config.segmenter.silence_frames * self.config.segmenter.frame;
         let reason = loop {
             match reader.read(&mut frame[filled..]) {
                 Chunk::Samples(n) => filled += n,
-                Chunk::Gap(gap) if gap.len > 0 && gap.len < short_gap => {
+                Chunk::Gap(gap) if gap.len > 0 && gap.len < self.short_gap() => {
                     // A short loss is replayed as digital silence: the utterance goes on and the
                     // timeline stays exact.
                     let mut left = gap.len;
@@ -318,8 +358,45 @@ impl Dsp {
         self.summary
     }
 
+    /// A loss shorter than this is replayed as silence.
+    fn short_gap(&self) -> u64 {
+        let s = self.segmenter.settings();
+        s.silence_frames * s.frame
+    }
+
+    /// Take new settings when no utterance is open.
+    fn reconfigure(&mut self, vad: &mut Vad) {
+        while let Ok(update) = self.updates.try_recv() {
+            self.pending = Some(update);
+        }
+        if self.segmenter.in_speech() {
+            return;
+        }
+        let Some(u) = self.pending.take() else {
+            return;
+        };
+        if u.segmenter.frame != self.segmenter.settings().frame {
+            tracing::warn!("vad.frame_ms changes only with a restart; the other settings apply");
+        }
+        let frame = self.segmenter.settings().frame;
+        let s = Settings {
+            frame,
+            ..u.segmenter
+        };
+        let size = (s.history_frames() * s.frame) as usize;
+        if size != (self.segmenter.settings().history_frames() * frame) as usize {
+            self.history.resize(size);
+        }
+        self.segmenter.set_settings(s);
+        *vad = Vad::new(u.vad_mode);
+        self.config.vad_mode = u.vad_mode;
+        self.config.encode = u.encode;
+        tracing::info!("new vad and encode settings in effect");
+    }
+
     /// One whole frame at stream position `pos`.
     fn frame(&mut self, vad: &mut Vad, frame: &[i16], pos: u64) {
+        self.reconfigure(vad);
         let voiced = vad.is_voice(frame);
         let step = self.segmenter.frame(pos, voiced, vad::energy(frame));
         self.history.push(frame);
@@ -523,6 +600,24 @@ fn serial_of(id: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resized_history_keeps_the_newest_samples_at_their_positions() {
+        let mut h = History::new(4);
+        h.push(&[1, 2, 3, 4, 5, 6]);
+        h.resize(8);
+        let mut got = Vec::new();
+        h.range(0, |s| got.extend_from_slice(s));
+        assert_eq!(got, [3, 4, 5, 6]);
+        h.push(&[7, 8, 9]);
+        got.clear();
+        h.range(2, |s| got.extend_from_slice(s));
+        assert_eq!(got, [3, 4, 5, 6, 7, 8, 9]);
+        h.resize(2);
+        got.clear();
+        h.range(0, |s| got.extend_from_slice(s));
+        assert_eq!(got, [8, 9]);
+    }
 
     #[test]
     fn history_returns_the_requested_range_across_the_wrap() {

@@ -346,6 +346,8 @@ enum Msg {
     Finish,
     /// End by this instant, whatever is left.
     Stop(Instant),
+    /// New endpoints, keys and fields (SIGHUP), used from the next utterance on.
+    Reconfigure(Box<Setup>),
 }
 
 struct Job {
@@ -420,6 +422,7 @@ impl Uploader {
             deadline: None,
             down: false,
             report: Report::default(),
+            next_setup: None,
         };
         let thread = thread::Builder::new()
             .name("hark-upload".into())
@@ -443,6 +446,11 @@ impl Uploader {
     /// [`Patience::GiveUp`], when every endpoint is down).
     pub fn finish(&self) {
         let _ = self.tx.send(Msg::Finish);
+    }
+
+    /// New settings from a reloaded config, used from the next utterance on.
+    pub fn reconfigure(&self, setup: Setup) {
+        let _ = self.tx.send(Msg::Reconfigure(Box::new(setup)));
     }
 
     /// Keep going until `deadline`, then abandon what is left (it stays in the spool).
@@ -535,6 +543,8 @@ struct Worker {
     deadline: Option<Instant>,
     down: bool,
     report: Report,
+    /// Taken between utterances (an endpoint index must not change under an upload).
+    next_setup: Option<Box<Setup>>,
 }
 
 impl Worker {
@@ -584,6 +594,7 @@ impl Worker {
             Msg::Job(job) => self.queue.push_back(job),
             Msg::Finish => self.finishing = true,
             Msg::Stop(at) => self.deadline = Some(self.deadline.map_or(at, |d| d.min(at))),
+            Msg::Reconfigure(setup) => self.next_setup = Some(setup),
         }
     }
 
@@ -614,6 +625,14 @@ impl Worker {
                     thread::sleep(end.saturating_duration_since(Instant::now()));
                 }
             }
+        }
+    }
+
+    /// Take new settings, if a reload sent some; only between rounds over the endpoints.
+    fn take_setup(&mut self) {
+        if let Some(setup) = self.next_setup.take() {
+            self.setup = *setup;
+            tracing::info!("new transcription settings in effect");
         }
     }
 
@@ -649,6 +668,8 @@ impl Worker {
         let mut attempts = 0u32;
         let mut round = 0u32;
         loop {
+            // A reload during an outage (the endpoint fixed) applies to the next round.
+            self.take_setup();
             // Every endpoint in order; the utterance fails for good only if all refuse it.
             let mut down: Option<String> = None;
             let mut refused: Option<(String, &'static str)> = None;

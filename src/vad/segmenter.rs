@@ -138,6 +138,15 @@ impl Segmenter {
         &self.s
     }
 
+    /// New rules (same frame size) from the next frame on; a run of voiced frames being counted
+    /// towards `start_ms` starts again. An open utterance keeps going under the new rules.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.s = settings;
+        if !self.in_speech() {
+            self.phase = IDLE;
+        }
+    }
+
     /// Whether an utterance is open.
     pub fn in_speech(&self) -> bool {
         matches!(self.phase, Phase::Speech(_))
