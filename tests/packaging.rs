@@ -384,3 +384,45 @@ fn the_deb_unpacks_to_the_expected_files() {
         "{prerm}"
     );
 }
+
+#[test]
+fn help_names_every_option_of_the_design() {
+    // `hark --help` stands in for a man page: every option, the files, signals and exit codes.
+    let help = |args: &[&str]| {
+        let out = run(Command::new(HARK).args(args));
+        assert!(out.status.success(), "{}", show(&out));
+        text(&out.stdout)
+    };
+    let common = ["--config", "--set", "--verbose", "--quiet", "--help"];
+    let top = help(&["--help"]);
+    for want in common.iter().chain(&[
+        "--input",
+        "--device",
+        "--record-only",
+        "--pace",
+        "--version",
+        "run",
+        "upload",
+        "check-config",
+        "devices",
+        "Exit codes: 0 ok, 2 usage, 78 bad config, 69 audio device unavailable, 1 other",
+        "/etc/hark/hark.toml",
+        "SIGHUP",
+    ]) {
+        assert!(top.contains(want), "{want} in hark --help:\n{top}");
+    }
+    for (sub, own) in [
+        (
+            "run",
+            &["--input", "--device", "--record-only", "--pace"][..],
+        ),
+        ("upload", &[][..]),
+        ("check-config", &["[FILE]"][..]),
+        ("devices", &["--device"][..]),
+    ] {
+        let text = help(&[sub, "--help"]);
+        for want in common.iter().chain(own) {
+            assert!(text.contains(want), "{want} in hark {sub} --help:\n{text}");
+        }
+    }
+}
