@@ -1,5 +1,5 @@
 # Convenience targets; the scripts are what the README and CI call.
-.PHONY: demo test bench release
+.PHONY: demo test bench release deb
 demo:
 	scripts/demo.sh
 test:
@@ -8,3 +8,5 @@ bench:
 	bash benches/measure.sh
 release:
 	scripts/deps.sh build && cargo build --release
+deb:
+	scripts/deps.sh deb && cargo deb --locked

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 /// Voice-capture daemon: microphone → VAD → Ogg/Opus utterances → JSON events.
 #[derive(Debug, Parser)]
-#[command(name = "hark", version, about)]
+#[command(name = "hark", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -87,3 +87,11 @@ impl GlobalArgs {
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/hark/hark.toml";
+
+/// The rest of what a man page would say: files, signals, exit codes.
+const AFTER_HELP: &str = "\
+Files: /etc/hark/hark.toml (config; `hark check-config` prints every key), /var/lib/hark/spool
+(spool.dir), $CREDENTIALS_DIRECTORY/api_key (the API key from systemd's LoadCredential=).
+Signals: SIGTERM/SIGINT stop (the open utterance is kept), SIGHUP reloads the config.
+Exit codes: 0 ok, 2 usage, 78 bad config, 69 audio device unavailable, 1 other.
+Documentation: /usr/share/doc/hark/README.md";

@@ -968,6 +968,22 @@ fn keys_come_from_a_file_or_systemd_credentials_and_azure_gets_an_api_key_header
     );
     assert!(spool_files(&spool).is_empty());
 
+    // An empty credential (hark.service's SetCredential= fallback when /etc/hark/api_key does
+    // not exist) is no key: a self-hosted endpoint is called without Authorization.
+    std::fs::write(creds.join("api_key"), "\n").unwrap();
+    let spool = dir.path().join("spool-creds-empty");
+    let mut args = vec!["-i".to_owned(), input.display().to_string()];
+    args.extend(upload_args(
+        &spool,
+        &server.url(),
+        &["transcribe.api_key_env=\"\""],
+    ));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_env(&refs, &[("CREDENTIALS_DIRECTORY", creds.to_str().unwrap())]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(server.requests()[2].header("authorization").is_none());
+    assert_eq!(of_type(&events(&out.stdout), "transcript").len(), 1);
+
     // A key file that cannot be read is a configuration error naming the key.
     let missing = format!("transcribe.api_key_file={:?}", "/nonexistent/key");
     let (out, _) = transcribe_file(

@@ -186,7 +186,8 @@ fn client_host(url: &str) -> String {
     hostport.to_ascii_lowercase()
 }
 
-/// The key from `file`, else `$CREDENTIALS_DIRECTORY/api_key` (primary only), else `$env`.
+/// The key from `file`, else `$CREDENTIALS_DIRECTORY/api_key` (primary only; an empty one counts
+/// as none), else `$env`.
 fn resolve_key(
     key: &str,
     file: &std::path::Path,
@@ -214,7 +215,11 @@ fn resolve_key(
     if credentials && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
         let path = PathBuf::from(dir).join("api_key");
         if path.exists() {
-            return read(path).map(Some);
+            match read(path) {
+                // Empty: hark.service's `SetCredential=` fallback for a missing /etc/hark/api_key.
+                Err(SetupError::EmptyKeyFile { .. }) => {}
+                key => return key.map(Some),
+            }
         }
     }
     if env.is_empty() {
