@@ -295,11 +295,12 @@ impl Service {
         if !self.notifier.is_enabled() {
             return;
         }
-        if !self.stopping && (now >= self.next_status || (ready && !self.ready)) {
+        // Nothing is said about a capture that has not started yet.
+        if ready && !self.stopping && (now >= self.next_status || !self.ready) {
             self.next_status = now + STATUS_POLL;
             let status = status_text(&facts());
             let mut message = String::new();
-            if ready && !self.ready {
+            if !self.ready {
                 self.ready = true;
                 message.push_str("READY=1\n");
             }
@@ -471,11 +472,13 @@ mod tests {
         let ms = Duration::from_millis;
         let mut s = Service::new(Notifier::at(path.to_str().unwrap()), None, t0);
         let beats = || [Count(1), Count(1)];
-        s.poll(t0, false, || facts(0), beats);
-        assert_eq!(
-            recv(),
-            ["STATUS=online: 0 utterances, 0 waiting in the spool (0 B)"]
+        s.poll(
+            t0,
+            false,
+            || panic!("no status before capture starts"),
+            beats,
         );
+        assert!(recv().is_empty());
         s.poll(t0 + ms(10), true, || facts(0), beats);
         assert_eq!(
             recv(),

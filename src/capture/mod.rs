@@ -596,7 +596,6 @@ pub fn spawn(
             let _finished = Finished(shared.clone());
             let _ = shared.producer.set(thread::current());
             realtime::promote_current_thread(source.realtime_priority());
-            shared.started.store(opened, Ordering::Release);
             let mut attempt = 0u32;
             'outer: while !shared.stop.load(Ordering::Acquire) {
                 if !opened {
