@@ -36,7 +36,10 @@ fn rtprio_limit() -> Option<u64> {
     {
         return None;
     }
-    Some(lim.rlim_cur as u64)
+    // rlim_t is 32 bits on 32-bit ARM.
+    #[allow(clippy::unnecessary_cast)]
+    let cur = lim.rlim_cur as u64;
+    Some(cur)
 }
 
 /// Move the calling thread to SCHED_FIFO at `want` (capped by RLIMIT_RTPRIO); 0 does nothing.
