@@ -83,6 +83,8 @@ table!(CaptureConfig {
     channel: ChannelSel = ChannelSel::Index(0),
     period_ms: u32 = 20,
     ring_ms: u32 = 2000,
+    /// SCHED_FIFO priority of the ALSA capture thread when allowed; 0: normal scheduling.
+    realtime_priority: u32 = 10,
     /// Input file; required when `source = "file"`.
     file: PathBuf = PathBuf::new(),
 });
@@ -556,6 +558,7 @@ impl Config {
         let ring = (c.period_ms.saturating_mul(4).max(100), 600_000);
         let why = " (min is max(100, 4 * period_ms))";
         p.bounded("ring_ms", c.ring_ms, ring, why);
+        p.range("realtime_priority", c.realtime_priority, 0, 99);
         if c.source == Source::File && c.file == Path::new("") {
             p.fail("file", r#"must be set when capture.source = "file""#.into());
         }

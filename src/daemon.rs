@@ -3,7 +3,7 @@
 //!
 //! Nothing here prints to stdout or exits: results and errors go back to `main`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use crate::config::{Config, ConfigError, Source as SourceKind};
 
 use crate::encode::EncodeSettings;
 use crate::event::{EventKind, Events, State};
+use crate::notify::{self, Beat};
 use crate::pipeline::{DspConfig, DspUpdate, Pipeline, Summary};
 use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
@@ -398,6 +399,7 @@ pub fn run_with_reload(
         source,
     })?;
     let _ = board.capture.set(pipeline.shared().clone());
+    let mut sd = notify::Service::from_env(Instant::now());
 
     let every = match config.output.status_interval_s {
         0 => Duration::from_secs(365 * 24 * 3600),
@@ -409,7 +411,8 @@ pub fn run_with_reload(
     let mut pipeline_done = false;
     let mut upload_done = uploader.is_none();
     while !(pipeline_done && upload_done) {
-        let mut wake = next_status;
+        notify_poll(&mut sd, &board, pipeline.shared());
+        let mut wake = sd.next_wake().map_or(next_status, |t| t.min(next_status));
         // The deadline is the uploads'; the pipeline's own flush is bounded by its stop.
         if let (true, Some(deadline)) = (pipeline_done, stop_by) {
             if Instant::now() >= deadline {
@@ -429,6 +432,7 @@ pub fn run_with_reload(
                 None => tracing::info!("SIGHUP: there is no config to reload"),
             },
             Ok(Control::Signal(sig)) => {
+                sd.stopping();
                 if stop_by.is_none() {
                     tracing::info!("signal {sig}: closing the open utterance and stopping");
                     pipeline.stop();
@@ -445,6 +449,7 @@ pub fn run_with_reload(
                 // `hark | head -1`: nobody sees the events any more; stop as on SIGTERM.
                 if sinks.gone(name) && stop_by.is_none() {
                     tracing::info!("no sink is left to take events; stopping");
+                    sd.stopping();
                     pipeline.stop();
                     let deadline = Instant::now() + UPLOAD_GRACE;
                     stop_by = Some(deadline);
@@ -472,6 +477,7 @@ pub fn run_with_reload(
             }
         }
     }
+    sd.stopping();
     board.emit();
     let shared = pipeline.shared().clone();
     let summary = pipeline.join();
@@ -595,6 +601,53 @@ fn reconfigure(
     now
 }
 
+/// sd_notify on each wake of the control loop: READY once capture started (or its device's first
+/// open failed: STATUS then says degraded), STATUS on change, WATCHDOG while capture and dsp move.
+fn notify_poll(sd: &mut notify::Service, board: &Board, shared: &Shared) {
+    let beat = |done: &AtomicBool, count: &AtomicU64| {
+        if done.load(Ordering::Acquire) {
+            Beat::Done
+        } else {
+            Beat::Count(count.load(Ordering::Relaxed))
+        }
+    };
+    sd.poll(
+        Instant::now(),
+        shared.started.load(Ordering::Acquire),
+        || board.notify_facts(shared),
+        || {
+            [
+                beat(&shared.finished, &shared.capture_beats),
+                beat(&shared.consumer_gone, &shared.dsp_beats),
+            ]
+        },
+    );
+}
+
+impl Board {
+    /// What systemd's STATUS line says: the `status` event's state and counts, and why degraded.
+    fn notify_facts(&self, shared: &Shared) -> notify::Facts {
+        let (state, spool_pending, spool_bytes) = match self.status_kind() {
+            EventKind::Status {
+                state,
+                spool_pending,
+                spool_bytes,
+                ..
+            } => (state, spool_pending, spool_bytes),
+            _ => (State::Degraded, 0, 0),
+        };
+        notify::Facts {
+            state,
+            no_device: !shared.capturing.load(Ordering::Acquire)
+                && !shared.finished.load(Ordering::Acquire),
+            upload_down: self.upload_down.load(Ordering::Acquire),
+            utterances: shared.utterances.load(Ordering::Relaxed),
+            spool_pending,
+            spool_bytes,
+        }
+    }
+}
+
 /// `hark upload`: transcribe everything waiting in the spool, oldest first, and exit. When no
 /// endpoint answers, the rest stays in the spool for the next try.
 pub fn upload(config: &Config) -> Result<Report, DaemonError> {
@@ -699,7 +752,8 @@ fn open_source(config: &Config, args: &RunArgs) -> Result<(Box<dyn Source>, bool
         SourceKind::Alsa => {
             // Opened by the capture thread, which reports a missing device and retries.
             let source =
-                AlsaSource::new(&c.device, c.sample_rate, c.channels, c.channel, c.period_ms);
+                AlsaSource::new(&c.device, c.sample_rate, c.channels, c.channel, c.period_ms)
+                    .with_realtime_priority(c.realtime_priority);
             (Box::new(source), false)
         }
     })

@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod encode;
 pub mod event;
+pub mod notify;
 pub mod pipeline;
 pub mod sink;
 pub mod spool;

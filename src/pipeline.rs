@@ -249,6 +249,8 @@ struct Dsp {
     summary: Summary,
     vendor: String,
     last_start_time: Option<SystemTime>,
+    /// Where the utterance count is published (set when `run` starts).
+    shared: Option<Arc<Shared>>,
 }
 
 impl Dsp {
@@ -270,6 +272,7 @@ impl Dsp {
             open: None,
             summary: Summary::default(),
             last_start_time: None,
+            shared: None,
             vendor: format!(
                 "hark {} (libopus {})",
                 env!("CARGO_PKG_VERSION"),
@@ -285,8 +288,11 @@ impl Dsp {
         let mut filled = 0;
         let mut pos: u64 = 0;
         let shared = reader.shared().clone();
+        self.shared = Some(shared.clone());
         let mut stop_seen: Option<std::time::Instant> = None;
         let reason = loop {
+            // Alive for the watchdog: this loop turns at least every 100 ms, even when idle.
+            shared.dsp_beats.fetch_add(1, Ordering::Relaxed);
             match reader.read(&mut frame[filled..]) {
                 Chunk::Samples(n) => filled += n,
                 Chunk::Gap(gap) if gap.len > 0 && gap.len < self.short_gap() => {
@@ -554,6 +560,11 @@ impl Dsp {
             None => None,
         };
         self.summary.utterances += 1;
+        if let Some(shared) = &self.shared {
+            shared
+                .utterances
+                .store(self.summary.utterances, Ordering::Relaxed);
+        }
         let path = audio
             .as_ref()
             .filter(|_| self.config.announce_audio)

@@ -11,8 +11,11 @@ use common::*;
 
 fn alsa_hark(conf: &std::path::Path, spool: &std::path::Path, extra: &[&str]) -> Running {
     let mut cmd = hark();
+    // The file plugin delivers as fast as it is read: a SCHED_FIFO capture thread would spin
+    // and starve the other tests' threads (tests/notify.rs covers realtime priority).
     cmd.env("ALSA_CONFIG_PATH", conf)
         .args(base_args(spool))
+        .args(["-s", "capture.realtime_priority=0"])
         .args(extra)
         .stdin(Stdio::null());
     Running::spawn(cmd)

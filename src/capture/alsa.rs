@@ -65,6 +65,7 @@ pub struct AlsaSource {
     buf: Vec<i16>,
     actual_rate: u32,
     last_read: Option<Instant>,
+    rt_priority: u32,
 }
 
 impl AlsaSource {
@@ -86,7 +87,14 @@ impl AlsaSource {
             buf: Vec::new(),
             actual_rate: rate,
             last_read: None,
+            rt_priority: super::realtime::DEFAULT_PRIORITY,
         }
+    }
+
+    /// The SCHED_FIFO priority for the capture thread (0: normal scheduling).
+    pub fn with_realtime_priority(mut self, priority: u32) -> AlsaSource {
+        self.rt_priority = priority;
+        self
     }
 
     fn err(&self, what: &'static str) -> impl FnOnce(::alsa::Error) -> CaptureError + '_ {
@@ -242,6 +250,10 @@ impl Source for AlsaSource {
 
     fn waits_for_consumer(&self) -> bool {
         false
+    }
+
+    fn realtime_priority(&self) -> u32 {
+        self.rt_priority
     }
 
     fn flush(&mut self, ring: &mut RingWriter) {

@@ -10,6 +10,7 @@
 
 pub mod alsa;
 pub mod file;
+pub mod realtime;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -103,6 +104,11 @@ pub trait Source: Send {
     fn read_period(&mut self, ring: &mut RingWriter) -> Result<Flow, CaptureError>;
     /// Whether a full ring should wait for the consumer (files, pipes) rather than drop (devices).
     fn waits_for_consumer(&self) -> bool;
+    /// The SCHED_FIFO priority the capture thread asks for with this source; 0 for none
+    /// (files and pipes need no realtime scheduling).
+    fn realtime_priority(&self) -> u32 {
+        0
+    }
     /// Capture is stopping: push what the converter still holds (the resampler's tail).
     fn flush(&mut self, _ring: &mut RingWriter) {}
 }
@@ -133,6 +139,15 @@ pub struct Shared {
     producer_waiting: AtomicBool,
     /// Set when the dsp thread has ended (normally or not): nobody reads the ring any more.
     pub consumer_gone: AtomicBool,
+    /// Set once the source is open or its first open has failed (systemd's READY=1 waits for it).
+    pub started: AtomicBool,
+    /// Bumped by the capture thread for each period that moved the stream (samples or a marked
+    /// loss) and while it waits to reopen a lost device: still while it is stalled.
+    pub capture_beats: AtomicU64,
+    /// Bumped by the dsp thread for each pass of its loop (a chunk, a gap, or an idle wait).
+    pub dsp_beats: AtomicU64,
+    /// Utterances kept so far (the dsp thread's count, for systemd's STATUS line).
+    pub utterances: AtomicU64,
     /// A capture error that ended the input for good (an unreadable file), for the exit status.
     pub fatal: Mutex<Option<CaptureError>>,
     /// The threads at each end of the ring, woken when the other end moves.
@@ -580,6 +595,7 @@ pub fn spawn(
             // However the thread ends (even by a panic), the dsp thread learns that it did.
             let _finished = Finished(shared.clone());
             let _ = shared.producer.set(thread::current());
+            realtime::promote_current_thread(source.realtime_priority());
             let mut attempt = 0u32;
             'outer: while !shared.stop.load(Ordering::Acquire) {
                 if !opened {
@@ -590,6 +606,7 @@ pub fn spawn(
                         }
                         Err(e) => {
                             report(&events, &e, e.is_retryable());
+                            shared.started.store(true, Ordering::Release);
                             if !e.is_retryable() {
                                 break;
                             }
@@ -601,7 +618,9 @@ pub fn spawn(
                 }
                 opened = true;
                 shared.capturing.store(true, Ordering::Release);
+                shared.started.store(true, Ordering::Release);
                 // The hot loop: no allocation, lock or log until it ends.
+                let mut moved = ring.position();
                 let result = loop {
                     if shared.stop.load(Ordering::Relaxed) {
                         break Ok(Flow::Continue);
@@ -609,6 +628,12 @@ pub fn spawn(
                     match source.read_period(&mut ring) {
                         Ok(Flow::Continue) => {}
                         other => break other,
+                    }
+                    // Progress for the watchdog: a period that brought samples (or a loss). A
+                    // device that only times out is as stalled as a pipe that never returns.
+                    if ring.position() != moved {
+                        moved = ring.position();
+                        shared.capture_beats.fetch_add(1, Ordering::Relaxed);
                     }
                 };
                 match result {
@@ -659,14 +684,18 @@ fn report(events: &Events, e: &CaptureError, retrying: bool) {
     });
 }
 
+/// Wait before reopening a device, in short steps that tell the watchdog this thread is alive: a
+/// missing device is reported as degraded, not fixed by restarting hark.
 fn park_unless_stopped(shared: &Shared, delay: Duration) {
+    const STEP: Duration = Duration::from_millis(100);
     let until = std::time::Instant::now() + delay;
     while !shared.stop.load(Ordering::Acquire) {
+        shared.capture_beats.fetch_add(1, Ordering::Relaxed);
         let now = std::time::Instant::now();
         if now >= until {
             return;
         }
-        thread::park_timeout(until - now);
+        thread::park_timeout((until - now).min(STEP));
     }
 }
 
