@@ -118,7 +118,7 @@ fn cross_toml_installs_alsa_and_cmake_for_each_arm_target() {
 fn every_board_capture_shape_works_through_alsa() {
     let dir = tempfile::tempdir().unwrap();
     let words = speech("Turn on the kitchen lights.", dir.path());
-    let mono = timeline(&[words.clone()], 0, 1000, 0.0).samples;
+    let mono = timeline(std::slice::from_ref(&words), 0, 1000, 0.0).samples;
     for file in boards() {
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let table: toml::Table = std::fs::read_to_string(&file).unwrap().parse().unwrap();
