@@ -186,6 +186,7 @@ struct Sinks {
     dropped: sink::Dropped,
     /// How a sink builds a `status` event of its own (a socket client's first line).
     status: socket::StatusSource,
+    reporter: sink::Reporter,
 }
 
 impl Sinks {
@@ -208,10 +209,31 @@ impl Drop for Sinks {
 fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, DaemonError> {
     let dropped = sink::Dropped::default();
     let reporter = sink::Reporter::default();
+    let status = socket::StatusSource::default();
+    let (queues, handles) = build_sinks(config, control, &dropped, &reporter, &status)?;
+    let events = Events::new(config.device_id(), queues);
+    reporter.set(&events);
+    Ok(Sinks {
+        events,
+        running: handles.len(),
+        handles,
+        dropped,
+        status,
+        reporter,
+    })
+}
+
+/// The sink threads of `config.output`, sharing the drop counter, reporter and status source.
+fn build_sinks(
+    config: &Config,
+    control: &Sender<Control>,
+    dropped: &sink::Dropped,
+    reporter: &sink::Reporter,
+    status: &socket::StatusSource,
+) -> Result<(Vec<sink::SinkQueue>, Vec<SinkHandle>), DaemonError> {
     let mut handles: Vec<SinkHandle> = Vec::new();
     let mut queues = Vec::new();
     let mut backends: Vec<Box<dyn sink::Sink>> = Vec::new();
-    let status = socket::StatusSource::default();
     if config.output.stdout {
         backends.push(Box::new(StdoutSink::new(config.output.format)));
     }
@@ -251,15 +273,36 @@ fn start_sinks(config: &Config, control: &Sender<Control>) -> Result<Sinks, Daem
         queues.push(queue);
         handles.push(handle);
     }
-    let events = Events::new(config.device_id(), queues);
-    reporter.set(&events);
-    Ok(Sinks {
-        events,
-        running: handles.len(),
-        handles,
-        dropped,
-        status,
-    })
+    Ok((queues, handles))
+}
+
+impl Sinks {
+    /// Replace the sinks by those of `new` (SIGHUP). The old ones drain and stop first (a socket
+    /// path or an MQTT client id can be the same); if the new ones cannot start, those of `old`
+    /// are started again. Returns whether `new` is in effect.
+    fn restart(&mut self, new: &Config, old: &Config, control: &Sender<Control>) -> bool {
+        drop(self.events.take_queues());
+        self.handles.clear();
+        let built = build_sinks(new, control, &self.dropped, &self.reporter, &self.status);
+        let (applied, (queues, handles)) = match built {
+            Ok(sinks) => (true, sinks),
+            Err(e) => {
+                tracing::error!("SIGHUP: the new outputs cannot start: {e}; the old ones again");
+                let again = build_sinks(old, control, &self.dropped, &self.reporter, &self.status);
+                (
+                    false,
+                    again.unwrap_or_else(|e| {
+                        tracing::error!("SIGHUP: the old outputs cannot start either: {e}");
+                        (Vec::new(), Vec::new())
+                    }),
+                )
+            }
+        };
+        self.running = handles.len();
+        self.handles = handles;
+        self.events.set_queues(queues);
+        applied
+    }
 }
 
 /// A thread that turns SIGTERM, SIGINT and SIGHUP into `Control::Signal` messages.
@@ -392,7 +435,7 @@ pub fn run_with_reload(
         dsp,
         spool.clone(),
         events.clone(),
-        (tx, Control::PipelineDone),
+        (tx.clone(), Control::PipelineDone),
     )
     .map_err(|source| DaemonError::Start {
         what: "the capture and dsp threads",
@@ -426,7 +469,14 @@ pub fn run_with_reload(
         match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
             Ok(Control::Signal(SIGHUP)) => match &reload {
                 Some(load) => {
-                    current = reconfigure(&current, load(), &pipeline, uploader.as_ref(), &events);
+                    current = reconfigure(
+                        &current,
+                        load(),
+                        &pipeline,
+                        uploader.as_ref(),
+                        &mut sinks,
+                        &tx,
+                    );
                     board.emit();
                 }
                 None => tracing::info!("SIGHUP: there is no config to reload"),
@@ -528,8 +578,10 @@ fn reconfigure(
     loaded: Result<Config, ConfigError>,
     pipeline: &Pipeline,
     uploader: Option<&Uploader>,
-    events: &Events,
+    sinks: &mut Sinks,
+    control: &Sender<Control>,
 ) -> Config {
+    let events = sinks.events.clone();
     let new = match loaded {
         Ok(new) => new,
         Err(e) => {
@@ -562,8 +614,17 @@ fn reconfigure(
         now.spool = old.spool.clone();
     }
     if new.output != old.output {
-        restart.push("[output] (the outputs are not restarted live yet)");
-        now.output = old.output.clone();
+        if sinks.restart(&now, old, control) {
+            tracing::info!("SIGHUP: outputs restarted with the new settings");
+        } else {
+            events.emit(EventKind::Error {
+                stage: crate::event::Stage::Config,
+                code: "reload_failed",
+                message: "the new [output] settings could not start; the old outputs run".into(),
+                retrying: false,
+            });
+            now.output = old.output.clone();
+        }
     }
     let dsp = dsp_config(&now, String::new());
     pipeline.reconfigure(DspUpdate {

@@ -188,6 +188,8 @@ struct Inner {
     device: String,
     seq: AtomicU64,
     closed: AtomicBool,
+    /// The sinks are being replaced (SIGHUP): nothing is handed over meanwhile.
+    paused: AtomicBool,
     /// Held while numbering and queueing, so that `seq` order is delivery order on every sink.
     queues: Mutex<Vec<SinkQueue>>,
 }
@@ -199,6 +201,7 @@ impl Events {
                 device,
                 seq: AtomicU64::new(0),
                 closed: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
                 queues: Mutex::new(queues),
             }),
         }
@@ -216,7 +219,7 @@ impl Events {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if self.inner.closed.load(Ordering::Relaxed) {
+        if self.inner.closed.load(Ordering::Relaxed) || self.inner.paused.load(Ordering::Relaxed) {
             return false;
         }
         let Some(line) = self.serialize(&kind) else {
@@ -274,6 +277,27 @@ impl Events {
             json: json.into(),
             text,
         })
+    }
+
+    /// Take the sink queues out to replace the sinks (SIGHUP); until [`Events::set_queues`],
+    /// events are not handed to anyone (`emit` returns `false`, so transcripts are kept).
+    pub fn take_queues(&self) -> Vec<SinkQueue> {
+        let mut queues = match self.inner.queues.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        self.inner.paused.store(true, Ordering::Relaxed);
+        std::mem::take(&mut *queues)
+    }
+
+    /// Install new sink queues after [`Events::take_queues`].
+    pub fn set_queues(&self, new: Vec<SinkQueue>) {
+        let mut queues = match self.inner.queues.lock() {
+            Ok(q) => q,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *queues = new;
+        self.inner.paused.store(false, Ordering::Relaxed);
     }
 
     /// Close every sink queue; the sink threads drain what they hold and end.

@@ -88,3 +88,62 @@ fn sighup_applies_a_new_silence_ms_and_refuses_a_broken_config() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sighup_restarts_changed_outputs_and_keeps_the_old_ones_when_the_new_cannot_start() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let file = dir.path().join("hark.toml");
+    let sock = dir.path().join("events.sock");
+    std::fs::write(&file, config(800, &spool)).unwrap();
+    let mut cmd = hark();
+    cmd.args(["-c", file.to_str().unwrap(), "--record-only", "-i", "-"])
+        .stdin(Stdio::piped());
+    let mut running = Running::spawn(cmd);
+    let mut seen = Vec::new();
+    // Signals are handled once hark runs: an utterance shows that it does.
+    let a = speech("Turn on the lights", dir.path());
+    write_stdin(&mut running.child, &pattern(&a, &a));
+    running.wait_for(&mut seen, WAIT, |e| e["type"] == "speech_end");
+    assert!(!sock.exists());
+
+    let first_line = |path: &std::path::Path| -> Value {
+        let stream = UnixStream::connect(path).expect("the socket is there");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+
+    // A socket added by a reload is there once the reload's status event is out.
+    let with_socket = format!(
+        "{}socket = {:?}\n",
+        config(800, &spool),
+        sock.display().to_string()
+    );
+    std::fs::write(&file, &with_socket).unwrap();
+    running.signal(libc::SIGHUP);
+    running.wait_for(&mut seen, WAIT, |e| e["type"] == "status");
+    assert_eq!(first_line(&sock)["type"], "status");
+
+    // A socket whose directory does not exist cannot start: the old socket runs again.
+    let bad = format!(
+        "{}socket = {:?}\n",
+        config(800, &spool),
+        dir.path().join("missing/events.sock").display().to_string()
+    );
+    std::fs::write(&file, bad).unwrap();
+    running.signal(libc::SIGHUP);
+    let err = running.wait_for(&mut seen, WAIT, |e| e["type"] == "error");
+    assert_eq!(err["code"], "reload_failed");
+    running.wait_for(&mut seen, WAIT, |e| e["type"] == "status");
+    assert_eq!(first_line(&sock)["type"], "status");
+
+    running.signal(libc::SIGTERM);
+    let (status, _, stderr) = running.finish(WAIT);
+    assert!(status.success(), "{stderr}");
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
