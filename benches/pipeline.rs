@@ -11,6 +11,9 @@
 //! and prints the minimum and median of each, per audio second, and c / (a + b).
 //! Without `--bench` (e.g. `cargo test --benches`) it runs each measurement once, as a smoke test.
 
+mod common;
+use common::{missing_tool, ms, read_wav, spool_dir, toml_string, tool};
+
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -105,7 +108,7 @@ fn run() -> Result<(), String> {
     let pcm = read_wav(&wav)?;
     let audio_s = pcm.len() as f64 / RATE as f64;
 
-    let (spool, tmpfs) = spool_dir();
+    let (spool, tmpfs) = spool_dir("hark-bench");
     if !tmpfs {
         println!(
             "note: /dev/shm is missing; the spool is in {} (may not be tmpfs)",
@@ -278,28 +281,6 @@ fn pipeline_config(wav: &Path, spool: &Path) -> Result<Config, String> {
     Config::load(None, &overrides).map_err(|e| format!("config: {e}"))
 }
 
-/// A path as a TOML basic string.
-fn toml_string(path: &Path) -> Result<String, String> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| format!("{} is not UTF-8", path.display()))?;
-    Ok(format!(
-        "\"{}\"",
-        s.replace('\\', "\\\\").replace('"', "\\\"")
-    ))
-}
-
-/// A fresh spool directory on tmpfs (/dev/shm), else in the temp dir; and whether it is /dev/shm.
-fn spool_dir() -> (PathBuf, bool) {
-    let name = format!("hark-bench-{}", std::process::id());
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        (shm.join(name), true)
-    } else {
-        (std::env::temp_dir().join(name), false)
-    }
-}
-
 fn clear_dir(dir: &Path) -> Result<(), String> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -404,19 +385,6 @@ fn median(d: &[Duration]) -> Duration {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn read_wav(path: &Path) -> Result<Vec<i16>, String> {
-    let reader =
-        hound::WavReader::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    reader
-        .into_samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// Whether `path` is already the 60 s, 16 kHz mono s16 file.
 fn is_valid_wav(path: &Path) -> bool {
     hound::WavReader::open(path).is_ok_and(|r| {
@@ -426,16 +394,6 @@ fn is_valid_wav(path: &Path) -> bool {
             && s.bits_per_sample == 16
             && s.sample_format == hound::SampleFormat::Int
             && r.len() as usize == SECONDS * RATE
-    })
-}
-
-/// The first of espeak-ng and sox that cannot be run.
-fn missing_tool() -> Option<&'static str> {
-    ["espeak-ng", "sox"].into_iter().find(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .map_or(true, |o| !o.status.success())
     })
 }
 
@@ -518,19 +476,4 @@ fn make_in(tmp: &Path, wav: &Path) -> Result<(), String> {
     std::fs::rename(&partial, wav).map_err(|e| format!("cannot move to {}: {e}", wav.display()))?;
     let path = recipe_path(wav);
     std::fs::write(&path, recipe()).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-fn tool(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }

@@ -16,9 +16,13 @@
 //! Every `speech_end` must have its `transcript`, or the bench fails. Without `--bench` (e.g.
 //! `cargo test --benches`) it runs 5 utterances without `--pace`, as a quick smoke test.
 
-#[allow(dead_code)]
-#[path = "../tests/common/server.rs"]
-mod server;
+/// The integration tests' helpers: the test server and the noise generator.
+#[path = "../tests/common/mod.rs"]
+mod testkit;
+use testkit::{noise, server};
+
+mod common;
+use common::{missing_tool, ms, read_wav, spool_dir, toml_string, tool};
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -103,7 +107,7 @@ fn run() -> Result<(), String> {
     let voiced_s = read_voiced(&wav)? as f64 / RATE as f64;
     let file_s = wav_seconds(&wav)?;
 
-    let (spool, tmpfs) = spool_dir();
+    let (spool, tmpfs) = spool_dir("hark-upload-bench");
     let server = Server::start(None, |_, _| Reply::Json(200, r#"{"text":"ok"}"#.to_owned()));
     let result = run_hark(&wav, &spool, &server.url(), full, file_s);
     let _ = std::fs::remove_dir_all(&spool);
@@ -455,42 +459,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     v[rank - 1]
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// A path or URL as a TOML basic string.
-fn toml_string(path: &Path) -> Result<String, String> {
-    let s = path
-        .to_str()
-        .ok_or_else(|| format!("{} is not UTF-8", path.display()))?;
-    Ok(format!(
-        "\"{}\"",
-        s.replace('\\', "\\\\").replace('"', "\\\"")
-    ))
-}
-
-/// A fresh spool directory on tmpfs (/dev/shm), else in the temp dir; and whether it is /dev/shm.
-fn spool_dir() -> (PathBuf, bool) {
-    let name = format!("hark-upload-bench-{}", std::process::id());
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        (shm.join(name), true)
-    } else {
-        (std::env::temp_dir().join(name), false)
-    }
-}
-
-/// The first of espeak-ng and sox that cannot be run.
-fn missing_tool() -> Option<&'static str> {
-    ["espeak-ng", "sox"].into_iter().find(|tool| {
-        Command::new(tool)
-            .arg("--version")
-            .output()
-            .map_or(true, |o| !o.status.success())
-    })
-}
-
 /// The first `n` utterances: (voice, speed, text), phrase by phrase within each voice.
 fn script(n: usize) -> Vec<(&'static str, u32, &'static str)> {
     VOICES
@@ -632,43 +600,4 @@ fn make_in(tmp: &Path, wav: &Path, n: usize) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let path = recipe_path(wav);
     std::fs::write(&path, recipe(n)).map_err(|e| format!("cannot write {}: {e}", path.display()))
-}
-
-/// Uniform white noise of the given RMS (the integration tests' generator).
-fn noise(len: usize, rms: f64, seed: u64) -> Vec<i16> {
-    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let amp = rms * 3f64.sqrt();
-    (0..len)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            let u = (x >> 11) as f64 / (1u64 << 53) as f64;
-            ((u * 2.0 - 1.0) * amp) as i16
-        })
-        .collect()
-}
-
-fn read_wav(path: &Path) -> Result<Vec<i16>, String> {
-    let reader =
-        hound::WavReader::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    reader
-        .into_samples::<i16>()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", path.display()))
-}
-
-fn tool(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
