@@ -633,23 +633,30 @@ fn reconfigure(
         encode: dsp.encode,
     });
     if now.transcribe != old.transcribe {
-        match (uploader, Setup::from_config(&now.transcribe)) {
-            (Some(u), Ok(Some(setup))) => u.reconfigure(setup),
-            (Some(_), Ok(None)) => {
-                tracing::error!(
-                    "SIGHUP: {}; the running [transcribe] stays",
-                    transcribe::no_key_hint(&now.transcribe)
-                );
-                now.transcribe = old.transcribe.clone();
-            }
-            (Some(_), Err(e)) => {
-                tracing::error!("SIGHUP: {e}; the running [transcribe] stays");
-                now.transcribe = old.transcribe.clone();
-            }
-            (None, _) => {
+        let applied = match uploader {
+            // Keys and trust roots are read only when there is an upload thread to take them.
+            Some(u) => match Setup::from_config(&now.transcribe) {
+                Ok(Some(setup)) => {
+                    u.reconfigure(setup);
+                    true
+                }
+                Ok(None) => {
+                    let why = transcribe::no_key_hint(&now.transcribe);
+                    tracing::error!("SIGHUP: {why}; the running [transcribe] stays");
+                    false
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: {e}; the running [transcribe] stays");
+                    false
+                }
+            },
+            None => {
                 restart.push("[transcribe] (transcription was off at start)");
-                now.transcribe = old.transcribe.clone();
+                false
             }
+        };
+        if !applied {
+            now.transcribe = old.transcribe.clone();
         }
     }
     if !restart.is_empty() {

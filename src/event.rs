@@ -52,18 +52,6 @@ pub enum Stage {
     Spool,
 }
 
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Capture => "capture",
-            Stage::Upload => "upload",
-            Stage::Sink => "sink",
-            Stage::Config => "config",
-            Stage::Spool => "spool",
-        }
-    }
-}
-
 /// The daemon's health as reported in `status` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

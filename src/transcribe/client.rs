@@ -128,11 +128,16 @@ pub fn is_loopback(url: &str) -> bool {
         .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The host part of an `http(s)://` URL (without userinfo and port).
-fn host_of(url: &str) -> &str {
+/// The `host[:port]` of an `http(s)://` URL, without userinfo.
+pub(crate) fn authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
+}
+
+/// The host part of an `http(s)://` URL (without userinfo and port).
+pub(crate) fn host_of(url: &str) -> &str {
+    let hostport = authority(url);
     if hostport.starts_with('[') {
         return hostport.find(']').map_or(hostport, |i| &hostport[..=i]);
     }

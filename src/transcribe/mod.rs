@@ -96,7 +96,8 @@ impl Setup {
     pub fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
         // An OpenAI key goes to OpenAI only: a LAN server named as the endpoint must not get
         // it just because `api_key_env` kept its default.
-        let env = if t.api_key_env == OPENAI_KEY_ENV && client_host(&t.endpoint) != OPENAI_HOST {
+        let host = client::host_of(&t.endpoint).to_ascii_lowercase();
+        let env = if t.api_key_env == OPENAI_KEY_ENV && host != OPENAI_HOST {
             ""
         } else {
             t.api_key_env.as_str()
@@ -168,8 +169,7 @@ pub fn no_key_hint(t: &TranscribeConfig) -> String {
 }
 
 fn needs_key(endpoint: &str) -> bool {
-    let host = client_host(endpoint);
-    let host = host.split(':').next().unwrap_or("");
+    let host = client::host_of(endpoint).to_ascii_lowercase();
     KEYED_HOSTS.iter().any(|h| {
         if h.starts_with('.') {
             host.ends_with(h)
@@ -179,11 +179,9 @@ fn needs_key(endpoint: &str) -> bool {
     })
 }
 
+/// `host:port`, lowercased: the primary's key goes to a fallback only on the very same one.
 fn client_host(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    hostport.to_ascii_lowercase()
+    client::authority(url).to_ascii_lowercase()
 }
 
 /// The key from `file`, else `$CREDENTIALS_DIRECTORY/api_key` (primary only; an empty one counts
