@@ -169,7 +169,7 @@ impl Board {
     /// The upload thread's callback: record the transition and report it at once.
     fn on_upload_state(board: &Arc<Board>) -> OnState {
         let board = board.clone();
-        Box::new(move |down| {
+        Arc::new(move |down| {
             board.upload_down.store(down, Ordering::Release);
             board.emit();
         })
@@ -409,9 +409,13 @@ pub fn run_with_reload(
                     setup,
                     spool.clone(),
                     events.clone(),
-                    Patience::Forever,
-                    config.spool.keep_audio,
-                    Board::on_upload_state(&board),
+                    transcribe::Options {
+                        patience: Patience::Forever,
+                        keep_audio: config.spool.keep_audio,
+                        workers: 1,
+                        on_state: Board::on_upload_state(&board),
+                        on_result: None,
+                    },
                     (tx.clone(), Control::UploadDone),
                 )
                 .map_err(upload_start)?,
@@ -740,9 +744,13 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
         setup,
         spool.clone(),
         events.clone(),
-        Patience::GiveUp,
-        config.spool.keep_audio,
-        Board::on_upload_state(&board),
+        transcribe::Options {
+            patience: Patience::GiveUp,
+            keep_audio: config.spool.keep_audio,
+            workers: 1,
+            on_state: Board::on_upload_state(&board),
+            on_result: None,
+        },
         (tx, Control::UploadDone),
     )
     .map_err(upload_start)?;

@@ -535,6 +535,7 @@ impl Dsp {
                     start_time: humantime::format_rfc3339_millis(utt.start_time).to_string(),
                     reason: closed.reason,
                     speech_ms: closed.speech / 16,
+                    speech_offset_ms: closed.speech_start / 16,
                     level_dbfs: closed.level_dbfs.max(-200.0),
                     source: self.config.source.clone(),
                     audio: format!("{}.ogg", utt.id),

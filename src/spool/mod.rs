@@ -48,6 +48,10 @@ pub struct UtteranceMeta {
     pub reason: EndReason,
     /// From the first voiced frame to the end of the last one.
     pub speech_ms: u64,
+    /// Where the first voiced frame starts, in the stream's timeline (after the pre-roll).
+    /// Missing in files written before it existed: read as 0.
+    #[serde(default)]
+    pub speech_offset_ms: u64,
     /// RMS level of the voiced frames.
     pub level_dbfs: f64,
     /// Where the audio came from, e.g. `alsa:default` or `file:recording.wav`.
@@ -435,6 +439,7 @@ mod tests {
             start_time: "2026-11-22T00:00:00.000Z".into(),
             reason: EndReason::Silence,
             speech_ms: 800,
+            speech_offset_ms: 0,
             level_dbfs: -20.0,
             source: "file:x".into(),
             audio: format!("{id}.ogg"),

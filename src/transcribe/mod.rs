@@ -17,7 +17,8 @@ pub mod sse;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::Sender;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,7 +32,7 @@ use client::{Client, Endpoint, Fields, Secret, Upload};
 use retry::Verdict;
 
 /// Utterances shorter than this are never sent: every API answers 400 `audio_too_short`.
-const MIN_DURATION_MS: u64 = 100;
+pub const MIN_DURATION_MS: u64 = 100;
 
 /// The default `api_key_env`, whose key is sent to [`OPENAI_HOST`] only.
 const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
@@ -334,23 +335,32 @@ pub enum Patience {
     GiveUp,
 }
 
-/// What the upload thread did.
+/// What the upload threads did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
     pub transcribed: u64,
     pub failed: u64,
-    /// Still in the spool when the thread ended.
+    /// Still in the spool when the threads ended.
     pub waiting: u64,
 }
 
-enum Msg {
-    Job(Job),
-    /// No more jobs will come: end once the queue is empty.
-    Finish,
-    /// End by this instant, whatever is left.
-    Stop(Instant),
-    /// New endpoints, keys and fields (SIGHUP), used from the next utterance on.
-    Reconfigure(Box<Setup>),
+/// How one utterance ended, for a caller that keeps its own record (`hark transcribe`).
+#[derive(Debug, Clone)]
+pub enum Finished {
+    /// Transcribed; its `transcript` event was handed to the sinks.
+    Transcribed {
+        utterance: String,
+        transcript: response::Transcript,
+        model: String,
+        endpoint: String,
+        attempts: u32,
+    },
+    /// Refused for good by every endpoint (its audio is in `failed/`, an `error` event said why).
+    Failed {
+        utterance: String,
+        code: &'static str,
+        message: String,
+    },
 }
 
 struct Job {
@@ -359,9 +369,9 @@ struct Job {
     ended: Option<Instant>,
 }
 
-/// Hands new utterances to the upload thread. Cheap to clone.
+/// Hands new utterances to whoever uploads them. Cheap to clone.
 #[derive(Clone)]
-pub struct Submitter(Sender<Msg>);
+pub struct Submitter(Arc<dyn Fn(Entry, Instant) + Send + Sync>);
 
 impl std::fmt::Debug for Submitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -370,125 +380,228 @@ impl std::fmt::Debug for Submitter {
 }
 
 impl Submitter {
+    /// A submitter that calls `f` with each utterance (a caller that queues them itself).
+    pub fn new(f: impl Fn(Entry, Instant) + Send + Sync + 'static) -> Submitter {
+        Submitter(Arc::new(f))
+    }
+
     /// Queue an utterance whose `speech_end` was emitted at `ended`.
     pub fn submit(&self, entry: Entry, ended: Instant) {
-        let _ = self.0.send(Msg::Job(Job {
-            entry,
-            ended: Some(ended),
-        }));
+        (self.0)(entry, ended)
     }
 }
 
-/// Owns the upload thread.
-pub struct Uploader {
-    tx: Sender<Msg>,
-    thread: Option<JoinHandle<Report>>,
+/// Called with `true` when every endpoint has failed and with `false` when one answers again.
+pub type OnState = Arc<dyn Fn(bool) + Send + Sync>;
+/// Called by the upload thread with each utterance it finished.
+pub type OnResult = Arc<dyn Fn(Finished) + Send + Sync>;
+
+/// How the upload threads behave.
+pub struct Options {
+    pub patience: Patience,
+    /// Move transcribed audio to `done/` instead of deleting it.
+    pub keep_audio: bool,
+    /// Uploads at a time. The daemon uses 1, so that transcripts come in speech order.
+    pub workers: usize,
+    pub on_state: OnState,
+    pub on_result: Option<OnResult>,
 }
 
-/// Called with `true` when every endpoint has failed and with `false` when one answers again.
-pub type OnState = Box<dyn Fn(bool) + Send>;
+/// The queue the upload threads share, and what the control thread tells them.
+struct Queue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// No more jobs will come: end once the queue is empty.
+    finishing: bool,
+    /// End by this instant, whatever is left.
+    deadline: Option<Instant>,
+    /// The newest settings (a reload replaces them) and how many times they were replaced.
+    setup: Arc<Setup>,
+    generation: u64,
+    /// Every endpoint failed: reported once, whichever thread saw it.
+    down: bool,
+    /// A thread gave up on the endpoints ([`Patience::GiveUp`]): no one takes a new job.
+    gave_up: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, job: Job) {
+        self.lock().jobs.push_back(job);
+        self.changed.notify_one();
+    }
+}
+
+/// Owns the upload threads.
+pub struct Uploader {
+    queue: Arc<Queue>,
+    threads: Vec<JoinHandle<Report>>,
+}
 
 impl Uploader {
-    /// Queue what waits in the spool now (oldest first), then start the thread. `done` receives
-    /// one message when the thread ends.
+    /// Queue what waits in the spool now (oldest first), then start `options.workers` threads.
+    /// `done` receives one message when the last thread ends.
     pub fn start<T: Send + 'static>(
         setup: Setup,
         spool: Arc<Spool>,
         events: Events,
-        patience: Patience,
-        keep_audio: bool,
-        on_state: OnState,
+        options: Options,
         done: (Sender<T>, T),
     ) -> Result<Uploader, StartError> {
-        let queue: VecDeque<Job> = spool
+        let jobs: VecDeque<Job> = spool
             .entries()?
             .into_iter()
             .map(|entry| Job { entry, ended: None })
             .collect();
-        if !queue.is_empty() {
+        if !jobs.is_empty() {
             tracing::info!(
                 "{} utterances wait in the spool; uploading them first",
-                queue.len()
+                jobs.len()
             );
         }
-        let (tx, rx) = mpsc::channel();
-        let worker = Worker {
-            setup,
-            spool,
-            events,
-            patience,
-            keep_audio,
-            on_state,
-            rx,
-            queue,
-            finishing: false,
-            deadline: None,
-            down: false,
-            report: Report::default(),
-            next_setup: None,
+        let setup = Arc::new(setup);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState {
+                jobs,
+                finishing: false,
+                deadline: None,
+                setup: setup.clone(),
+                generation: 0,
+                down: false,
+                gave_up: false,
+            }),
+            changed: Condvar::new(),
+        });
+        // Sent when the last thread ends, however it ends (a panic included).
+        let done = Arc::new(DoneGuard(Mutex::new(Some(done))));
+        let mut uploader = Uploader {
+            queue: queue.clone(),
+            threads: Vec::new(),
         };
-        let thread = thread::Builder::new()
-            .name("hark-upload".into())
-            .spawn(move || {
-                // Sent however the thread ends, a panic included, so nobody waits forever.
-                let _done = DoneGuard(Some(done));
-                worker.run()
-            })
-            .map_err(StartError::Thread)?;
-        Ok(Uploader {
-            tx,
-            thread: Some(thread),
-        })
+        for i in 0..options.workers.max(1) {
+            let worker = Worker {
+                queue: queue.clone(),
+                setup: setup.clone(),
+                generation: 0,
+                spool: spool.clone(),
+                events: events.clone(),
+                patience: options.patience,
+                keep_audio: options.keep_audio,
+                on_state: options.on_state.clone(),
+                on_result: options.on_result.clone(),
+                report: Report::default(),
+            };
+            let done = done.clone();
+            let name = if options.workers > 1 {
+                format!("hark-upload-{i}")
+            } else {
+                "hark-upload".to_owned()
+            };
+            let thread = thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let _done = done;
+                    worker.run()
+                })
+                // Dropping `uploader` stops and joins the threads already started.
+                .map_err(StartError::Thread)?;
+            uploader.threads.push(thread);
+        }
+        Ok(uploader)
     }
 
     pub fn submitter(&self) -> Submitter {
-        Submitter(self.tx.clone())
+        let queue = self.queue.clone();
+        Submitter::new(move |entry, ended| {
+            queue.push(Job {
+                entry,
+                ended: Some(ended),
+            })
+        })
     }
 
-    /// No more utterances will come: the thread ends when the queue is empty (or, with
+    /// No more utterances will come: the threads end when the queue is empty (or, with
     /// [`Patience::GiveUp`], when every endpoint is down).
     pub fn finish(&self) {
-        let _ = self.tx.send(Msg::Finish);
+        self.queue.lock().finishing = true;
+        self.queue.changed.notify_all();
     }
 
     /// New settings from a reloaded config, used from the next utterance on.
     pub fn reconfigure(&self, setup: Setup) {
-        let _ = self.tx.send(Msg::Reconfigure(Box::new(setup)));
+        let mut state = self.queue.lock();
+        state.setup = Arc::new(setup);
+        state.generation += 1;
     }
 
     /// Keep going until `deadline`, then abandon what is left (it stays in the spool).
     pub fn stop(&self, deadline: Instant) {
-        let _ = self.tx.send(Msg::Stop(deadline));
+        let mut state = self.queue.lock();
+        state.deadline = Some(state.deadline.map_or(deadline, |d| d.min(deadline)));
+        drop(state);
+        self.queue.changed.notify_all();
     }
 
-    /// Join the thread; call after its `done` message arrived (else this blocks until it ends).
+    /// Join the threads; call after the `done` message arrived (else this blocks until they end).
     pub fn join(mut self) -> Report {
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        let mut report = Report::default();
+        for t in std::mem::take(&mut self.threads) {
+            let r = t.join().unwrap_or_default();
+            report.transcribed += r.transcribed;
+            report.failed += r.failed;
+        }
+        let state = self.queue.lock();
+        report.waiting = state.jobs.len() as u64;
+        if report.waiting > 0 {
+            if let Some(job) = state.jobs.front() {
+                tracing::warn!(
+                    "{} utterances stay in {} for the next run",
+                    report.waiting,
+                    job.entry
+                        .audio
+                        .parent()
+                        .unwrap_or(std::path::Path::new("the spool"))
+                        .display()
+                );
+            }
+        }
+        report
     }
 
-    /// Give up on the thread without joining it (an upload in flight past the stop deadline).
+    /// Give up on the threads without joining them (an upload in flight past the stop deadline).
     pub fn detach(mut self) {
-        self.thread.take();
+        self.threads.clear();
     }
 }
 
 impl Drop for Uploader {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = self.tx.send(Msg::Stop(Instant::now()));
-            let _ = t.join();
+        if !self.threads.is_empty() {
+            self.stop(Instant::now());
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
         }
     }
 }
 
-struct DoneGuard<T>(Option<(Sender<T>, T)>);
+struct DoneGuard<T>(Mutex<Option<(Sender<T>, T)>>);
 
 impl<T> Drop for DoneGuard<T> {
     fn drop(&mut self) {
-        if let Some((tx, msg)) = self.0.take() {
+        let taken = self
+            .0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some((tx, msg)) = taken {
             let _ = tx.send(msg);
         }
     }
@@ -534,83 +647,76 @@ enum Outcome {
 }
 
 struct Worker {
-    setup: Setup,
+    queue: Arc<Queue>,
+    /// The settings in use, taken from the queue between utterances (an endpoint index must
+    /// not change under an upload).
+    setup: Arc<Setup>,
+    generation: u64,
     spool: Arc<Spool>,
     events: Events,
     patience: Patience,
     keep_audio: bool,
     on_state: OnState,
-    rx: Receiver<Msg>,
-    queue: VecDeque<Job>,
-    finishing: bool,
-    deadline: Option<Instant>,
-    down: bool,
+    on_result: Option<OnResult>,
     report: Report,
-    /// Taken between utterances (an endpoint index must not change under an upload).
-    next_setup: Option<Box<Setup>>,
 }
 
 impl Worker {
     fn run(mut self) -> Report {
-        loop {
-            while let Ok(msg) = self.rx.try_recv() {
-                self.take(msg);
-            }
-            if self.past_deadline() {
-                break;
-            }
-            let Some(job) = self.queue.pop_front() else {
-                if self.finishing || self.deadline.is_some() {
-                    break;
-                }
-                match self.rx.recv() {
-                    Ok(msg) => self.take(msg),
-                    Err(_) => break,
-                }
-                continue;
-            };
+        while let Some(job) = self.next_job() {
             match self.upload(&job) {
                 Outcome::Done => {}
-                Outcome::Stopped | Outcome::GaveUp => {
-                    self.queue.push_front(job);
+                outcome => {
+                    // It stays in the spool; the others stop too (past the deadline, or every
+                    // endpoint is down and this run does not wait).
+                    let mut state = self.queue.lock();
+                    state.jobs.push_front(job);
+                    state.gave_up |= matches!(outcome, Outcome::GaveUp);
+                    drop(state);
+                    self.queue.changed.notify_all();
                     break;
                 }
             }
-        }
-        // Jobs sent after the last look are in the spool too.
-        while let Ok(msg) = self.rx.try_recv() {
-            self.take(msg);
-        }
-        self.report.waiting = self.queue.len() as u64;
-        if self.report.waiting > 0 {
-            tracing::warn!(
-                "{} utterances stay in {} for the next run",
-                self.report.waiting,
-                self.spool.dir().display()
-            );
         }
         self.report
     }
 
-    fn take(&mut self, msg: Msg) {
-        match msg {
-            Msg::Job(job) => self.queue.push_back(job),
-            Msg::Finish => self.finishing = true,
-            Msg::Stop(at) => self.deadline = Some(self.deadline.map_or(at, |d| d.min(at))),
-            Msg::Reconfigure(setup) => self.next_setup = Some(setup),
+    /// The next job, or `None` when this thread should end.
+    fn next_job(&self) -> Option<Job> {
+        let mut state = self.queue.lock();
+        loop {
+            if state.gave_up || state.deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if state.finishing || state.deadline.is_some() {
+                return None;
+            }
+            state = self
+                .queue
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    fn deadline(&self) -> Option<Instant> {
+        self.queue.lock().deadline
     }
 
-    /// Wait `d` while taking new jobs; `false` when the stop deadline comes first.
-    fn wait(&mut self, d: Duration) -> bool {
+    fn past_deadline(&self) -> bool {
+        self.deadline().is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Wait `d`; `false` when the stop deadline comes first.
+    fn wait(&self, d: Duration) -> bool {
         let until = Instant::now() + d;
+        let mut state = self.queue.lock();
         loop {
             let now = Instant::now();
-            if let Some(deadline) = self.deadline
+            if let Some(deadline) = state.deadline
                 && deadline <= until
             {
                 if now >= deadline {
@@ -619,24 +725,34 @@ impl Worker {
             } else if now >= until {
                 return true;
             }
-            let end = self.deadline.map_or(until, |dl| dl.min(until));
-            match self.rx.recv_timeout(end.saturating_duration_since(now)) {
-                Ok(msg) => self.take(msg),
-                Err(RecvTimeoutError::Timeout) => {}
-                // The daemon is gone: sleep out the rest without a channel.
-                Err(RecvTimeoutError::Disconnected) => {
-                    thread::sleep(end.saturating_duration_since(Instant::now()));
-                }
-            }
+            let end = state.deadline.map_or(until, |dl| dl.min(until));
+            state = self
+                .queue
+                .changed
+                .wait_timeout(state, end.saturating_duration_since(now))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
     /// Take new settings, if a reload sent some; only between rounds over the endpoints.
     fn take_setup(&mut self) {
-        if let Some(setup) = self.next_setup.take() {
-            self.setup = *setup;
+        let state = self.queue.lock();
+        if state.generation != self.generation {
+            self.generation = state.generation;
+            self.setup = state.setup.clone();
+            drop(state);
             tracing::info!("new transcription settings in effect");
         }
+    }
+
+    /// Mark every endpoint down (`true`) or one up again; whether that changed the state.
+    fn set_down(&self, down: bool) -> bool {
+        std::mem::replace(&mut self.queue.lock().down, down) != down
+    }
+
+    fn is_down(&self) -> bool {
+        self.queue.lock().down
     }
 
     fn upload(&mut self, job: &Job) -> Outcome {
@@ -694,8 +810,7 @@ impl Worker {
                 tracing::warn!("every endpoint failed ({why}); giving up for now");
                 return Outcome::GaveUp;
             }
-            if !self.down {
-                self.down = true;
+            if self.set_down(true) {
                 self.events.emit(EventKind::Error {
                     stage: Stage::Upload,
                     code: "endpoints_down",
@@ -724,9 +839,6 @@ impl Worker {
     ) -> Tried {
         let mut retry = 0u32;
         loop {
-            while let Ok(msg) = self.rx.try_recv() {
-                self.take(msg);
-            }
             if self.past_deadline() {
                 return Tried::Stopped;
             }
@@ -758,7 +870,7 @@ impl Worker {
                 ep,
                 &self.setup.fields,
                 &upload,
-                self.deadline,
+                self.deadline(),
                 &mut on_delta,
             );
             let f = match result {
@@ -797,7 +909,7 @@ impl Worker {
                     tracing::warn!("{} (attempt {attempts}): {what}", meta.utterance);
                     // Each failure while the service is up; once every endpoint is down, only
                     // the transitions (no event per retry).
-                    if !self.down {
+                    if !self.is_down() {
                         self.events.emit(EventKind::Error {
                             stage: Stage::Upload,
                             code: f.code(),
@@ -837,6 +949,8 @@ impl Worker {
                 .and_then(|end| SystemTime::now().duration_since(end).ok())
                 .unwrap_or_default(),
         };
+        // For a caller that keeps its own record of the results.
+        let kept = self.on_result.is_some().then(|| t.clone());
         let event = EventKind::Transcript {
             utterance: meta.utterance.clone(),
             offset_ms: meta.offset_ms,
@@ -864,6 +978,15 @@ impl Worker {
         }
         let ep = &self.setup.endpoints[endpoint];
         self.report.transcribed += 1;
+        if let (Some(on_result), Some(transcript)) = (&self.on_result, kept) {
+            on_result(Finished::Transcribed {
+                utterance: meta.utterance.clone(),
+                transcript,
+                model: ep.model.clone(),
+                endpoint: ep.shown.clone(),
+                attempts,
+            });
+        }
         let kept = if self.keep_audio {
             self.spool.move_to(&job.entry, "done").map(|_| ())
         } else {
@@ -872,8 +995,7 @@ impl Worker {
         if let Err(e) = kept {
             tracing::warn!("{}: transcribed, but {e}", meta.utterance);
         }
-        if self.down {
-            self.down = false;
+        if self.set_down(false) {
             tracing::info!("{} answers again", ep.shown);
             (self.on_state)(false);
         }
@@ -889,6 +1011,13 @@ impl Worker {
         };
         let message = format!("utterance {}: {why}; not retried, {place}", entry.id);
         tracing::error!("{message}");
+        if let Some(on_result) = &self.on_result {
+            on_result(Finished::Failed {
+                utterance: entry.id.clone(),
+                code,
+                message: message.clone(),
+            });
+        }
         self.events.emit(EventKind::Error {
             stage: Stage::Upload,
             code,

@@ -69,6 +69,8 @@ pub struct Closed {
     pub reason: EndReason,
     /// Samples from the first voiced frame to the end of the last one.
     pub speech: u64,
+    /// Stream position of the first voiced frame (`start` when none was voiced).
+    pub speech_start: u64,
     /// RMS level of the voiced frames, dBFS.
     pub level_dbfs: f64,
     /// Why it should not be kept, if so.
@@ -278,6 +280,7 @@ impl Segmenter {
             end,
             reason,
             speech,
+            speech_start: open.first_voiced.unwrap_or(open.start),
             level_dbfs,
             drop,
         }
