@@ -559,18 +559,14 @@ impl Uploader {
         }
         let state = self.queue.lock();
         report.waiting = state.jobs.len() as u64;
-        if report.waiting > 0 {
-            if let Some(job) = state.jobs.front() {
-                tracing::warn!(
-                    "{} utterances stay in {} for the next run",
-                    report.waiting,
-                    job.entry
-                        .audio
-                        .parent()
-                        .unwrap_or(std::path::Path::new("the spool"))
-                        .display()
-                );
-            }
+        if report.waiting > 0
+            && let Some(dir) = state.jobs.front().and_then(|job| job.entry.audio.parent())
+        {
+            tracing::warn!(
+                "{} utterances stay in {} for the next run",
+                report.waiting,
+                dir.display()
+            );
         }
         report
     }
