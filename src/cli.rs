@@ -1,4 +1,4 @@
-//! The command line: `hark [run]`, `upload`, `check-config`, `devices`. Parsing only; what each command does
+//! The command line: `hark [run]`, `transcribe`, `upload`, `check-config`, `devices`. Parsing only; what each command does
 //! lives in [`crate::daemon`] and is decided in `main`.
 
 use std::path::PathBuf;
@@ -21,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon (the default).
     Run(RunArgs),
+    /// Cut a recording (WAV, FLAC, MP3, Ogg/Opus) into utterances, transcribe them N at a time,
+    /// and write the transcript in the recording's timeline (JSON, JSON lines, text, SRT, WebVTT).
+    /// Running it again on the same file uploads only what is not transcribed yet.
+    Transcribe(TranscribeArgs),
     /// Upload every utterance waiting in the spool, emit the transcripts, and exit (1 when some
     /// are still waiting because no endpoint answered, or failed for good).
     Upload,
@@ -67,6 +71,49 @@ pub struct RunArgs {
     /// Feed a file at real-time speed, as a microphone would.
     #[arg(long = "pace")]
     pub pace: bool,
+}
+
+/// `hark transcribe`'s output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One document: every utterance with offset, duration, text, segments and words.
+    Json,
+    /// The daemon's events, one per line.
+    Jsonl,
+    /// The text of each utterance, one per line.
+    Text,
+    /// SubRip subtitles.
+    Srt,
+    /// WebVTT subtitles.
+    Vtt,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TranscribeArgs {
+    /// The recording: WAV (any common rate and channel count), FLAC, MP3 or Ogg/Opus.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Write the result here [default: stdout]. With --record-only: the directory for the
+    /// utterances [default: FILE's name + .hark, in the current directory].
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Output format [default: from -o's extension (.srt, .vtt, .txt, .jsonl), else json].
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub format: Option<Format>,
+    /// Uploads at a time.
+    #[arg(short = 'j', long = "jobs", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Do not upload: write the utterances as Ogg files plus timeline.json, for later upload
+    /// (`hark upload -s spool.dir=DIR`).
+    #[arg(long = "record-only")]
+    pub record_only: bool,
+    /// Where transcripts are kept so that a second run resumes [default:
+    /// $XDG_CACHE_HOME/hark/transcribe, else ~/.cache/hark/transcribe].
+    #[arg(long = "cache-dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Upload every utterance again, even those the cache has (the cache is still updated).
+    #[arg(long = "no-cache")]
+    pub no_cache: bool,
 }
 
 impl RunArgs {

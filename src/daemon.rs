@@ -58,6 +58,9 @@ pub enum DaemonError {
     /// The event socket cannot be made: exit 78 (`socket_group`, a path too long) or 1.
     #[error(transparent)]
     Socket(#[from] socket::SocketError),
+    /// `hark transcribe` did not finish its job: its own exit code.
+    #[error(transparent)]
+    Batch(crate::batch::BatchError),
     /// A thread or the signal handler could not be started: exit 1.
     #[error("cannot start {what}: {source}")]
     Start {
@@ -73,6 +76,7 @@ impl DaemonError {
             DaemonError::Config(_) | DaemonError::Transcribe(_) | DaemonError::Mqtt(_) => 78,
             DaemonError::NoDevice(_) => 69,
             DaemonError::Socket(e) => e.exit_code(),
+            DaemonError::Batch(e) => e.exit_code(),
             _ => 1,
         }
     }
@@ -835,7 +839,7 @@ fn open_source(config: &Config, args: &RunArgs) -> Result<(Box<dyn Source>, bool
     })
 }
 
-fn dsp_config(config: &Config, source: String) -> DspConfig {
+pub(crate) fn dsp_config(config: &Config, source: String) -> DspConfig {
     let v = &config.vad;
     DspConfig {
         segmenter: Settings::from_ms(

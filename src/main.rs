@@ -35,6 +35,12 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
             print!("{}", config.to_redacted_toml());
             Ok(())
         }
+        Some(Command::Transcribe(args)) => {
+            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
+            hark::batch::run(&config, &args)
+                .map(|_| ())
+                .map_err(DaemonError::Batch)
+        }
         Some(Command::Upload) => {
             let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
             daemon::upload(&config).map(|_| ())

@@ -403,6 +403,11 @@ impl Dsp {
     /// One whole frame at stream position `pos`.
     fn frame(&mut self, vad: &mut Vad, frame: &[i16], pos: u64) {
         self.reconfigure(vad);
+        if let Some(shared) = &self.shared {
+            shared
+                .position
+                .store(pos + frame.len() as u64, Ordering::Relaxed);
+        }
         let voiced = vad.is_voice(frame);
         let step = self.segmenter.frame(pos, voiced, vad::energy(frame));
         self.history.push(frame);

@@ -148,6 +148,8 @@ pub struct Shared {
     pub dsp_beats: AtomicU64,
     /// Utterances kept so far (the dsp thread's count, for systemd's STATUS line).
     pub utterances: AtomicU64,
+    /// Stream position the dsp thread has judged up to (`hark transcribe`'s progress).
+    pub position: AtomicU64,
     /// A capture error that ended the input for good (an unreadable file), for the exit status.
     pub fatal: Mutex<Option<CaptureError>>,
     /// The threads at each end of the ring, woken when the other end moves.

@@ -34,17 +34,17 @@ pub struct Transcript {
 }
 
 /// One timed stretch of the transcript (a verbose/diarized JSON segment or an SRT/VTT cue).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub start: f64,
     pub end: f64,
     pub text: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speaker: Option<String>,
 }
 
 /// One timed word (verbose_json with `timestamp_granularities[]=word`).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Word {
     pub word: String,
     pub start: f64,

@@ -1,0 +1,601 @@
+//! `hark transcribe FILE`: cut a recording into utterances with the daemon's VAD and segmenter,
+//! upload them N at a time with the daemon's client, retry policy and fallbacks, and stitch the
+//! transcripts together in the recording's own timeline (JSON, JSON lines, text, SRT, WebVTT).
+//!
+//! The pipeline is the daemon's: the file is a capture source, the dsp thread writes each utterance
+//! to a spool (the resume cache's `spool/`, or the `--record-only` directory) and hands it here
+//! instead of to the upload queue, so that an utterance the cache already knows is not sent again.
+//! The rest go to [`Uploader`] with `-j` threads, which patiently retries like `hark upload`: when
+//! every endpoint is down it gives up, the run exits 1 and the next run resumes.
+//! Deliberately not here: signal handling (Ctrl-C ends the run; what was transcribed is cached),
+//! watching a directory of recordings.
+
+pub mod cache;
+pub mod progress;
+pub mod render;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::capture::{CaptureError, SAMPLE_RATE, Source};
+use crate::cli::{Format, TranscribeArgs};
+use crate::config::Config;
+use crate::event::{DropReason, EventKind, Events};
+use crate::pipeline::Pipeline;
+use crate::sink::SinkQueue;
+use crate::spool::{self, Entry, Spool, SpoolError};
+use crate::transcribe::{self, Finished, Patience, Setup, SetupError, Submitter, Uploader};
+use cache::Cache;
+use progress::{Progress, Snapshot};
+use render::{Counts, Item, State, Text};
+
+/// Why `hark transcribe` did not do all of its job. Each maps to an exit code in `main`.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The recording cannot be read or decoded: exit 1.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    /// The cache or record-only directory is unusable: exit 1.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// Transcription is misconfigured (keys, trust roots, speakers): exit 78.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// No API key for the endpoint: exit 78.
+    #[error("{0}; or use --record-only to cut the recording without uploading")]
+    NoKey(String),
+    /// Options that do not go together: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// A file of ours (output, cache) cannot be written: exit 1.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot start {what}: {source}")]
+    Start {
+        what: &'static str,
+        source: io::Error,
+    },
+    /// Some utterances have no transcript (the output says which): exit 1.
+    #[error(
+        "{} of {} utterances failed for good and {} were not transcribed (endpoints down); \
+         the output marks them, and running the same command again uploads only those",
+        .0.failed, .0.utterances, .0.pending
+    )]
+    Incomplete(Counts),
+}
+
+impl BatchError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BatchError::Setup(_) | BatchError::NoKey(_) => 78,
+            BatchError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The format `-o` names by its extension, else JSON.
+pub fn format_for(output: Option<&Path>) -> Format {
+    let ext = output
+        .and_then(Path::extension)
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("srt") => Format::Srt,
+        Some("vtt") => Format::Vtt,
+        Some("txt") => Format::Text,
+        Some("jsonl") | Some("ndjson") => Format::Jsonl,
+        _ => Format::Json,
+    }
+}
+
+/// Where `--record-only` writes without `-o`: `{file stem}.hark` in the current directory.
+fn default_record_dir(file: &Path) -> PathBuf {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "recording".to_owned());
+    PathBuf::from(format!("{stem}.hark"))
+}
+
+enum Msg {
+    Utterance(Entry, Instant),
+    Result(Finished),
+    PipelineDone,
+    UploadsDone,
+}
+
+/// Run `hark transcribe`. Returns the counts when every utterance has its transcript (or, with
+/// `--record-only`, its audio).
+pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError> {
+    let format = args
+        .format
+        .unwrap_or_else(|| format_for(args.output.as_deref()));
+    if args.record_only && args.format.is_some_and(|f| f != Format::Json) {
+        return Err(BatchError::Usage(
+            "--record-only writes Ogg files and a JSON timeline (timeline.json) into a directory; \
+             --format does not apply"
+                .into(),
+        ));
+    }
+    let source =
+        crate::capture::file::FileSource::open_path(&args.file, config.capture.channel, false)?;
+    let source: Box<dyn Source> = Box::new(source);
+    let label = source.describe();
+    let shown = args.file.display().to_string();
+
+    let setup = if args.record_only {
+        None
+    } else {
+        match Setup::from_config(&config.transcribe)? {
+            Some(setup) => Some(setup),
+            None => {
+                return Err(BatchError::NoKey(transcribe::no_key_hint(
+                    &config.transcribe,
+                )));
+            }
+        }
+    };
+
+    // The utterances' audio: the record-only directory, or the cache's spool.
+    let mut cache = None;
+    let spool_dir = if args.record_only {
+        args.output
+            .clone()
+            .unwrap_or_else(|| default_record_dir(&args.file))
+    } else {
+        let file = File::open(&args.file).map_err(|source| CaptureError::Input {
+            path: shown.clone(),
+            source,
+        })?;
+        let content = cache::content_hash(file).map_err(|source| CaptureError::Input {
+            path: shown.clone(),
+            source,
+        })?;
+        let root = args.cache_dir.clone().unwrap_or_else(cache::default_dir);
+        let c = Cache::open(&root, &content, &cache::settings_hash(config)).map_err(|source| {
+            BatchError::Io {
+                what: "resume cache",
+                path: root.clone(),
+                source,
+            }
+        })?;
+        if !c.is_empty() && !args.no_cache {
+            tracing::info!(
+                "{} transcripts of this recording are in the cache {}; uploading only the rest",
+                c.len(),
+                c.dir().display()
+            );
+        }
+        let dir = c.dir().join("spool");
+        cache = Some(c);
+        dir
+    };
+    let spool = Arc::new(Spool::open(&spool_dir, u64::MAX)?);
+    let leftovers = spool.entries()?;
+    if args.record_only && !leftovers.is_empty() {
+        return Err(BatchError::Usage(format!(
+            "{} already holds {} utterances: give another directory with -o, or empty it",
+            spool_dir.display(),
+            leftovers.len()
+        )));
+    }
+    // An interrupted run's audio: this run cuts the same utterances again.
+    for entry in &leftovers {
+        let _ = spool.remove(entry);
+    }
+
+    let (tx, rx) = mpsc::channel();
+    let (events, writer) = if format == Format::Jsonl && !args.record_only {
+        let (queue, lines) = SinkQueue::pair("jsonl", 1 << 16);
+        let mut out = Output::open(args.output.as_deref())?;
+        let writer = thread::Builder::new()
+            .name("hark-jsonl".into())
+            .spawn(move || {
+                for line in lines {
+                    if let Err(e) = out.line(&line.json) {
+                        return Err(out.error(e));
+                    }
+                }
+                out.commit()
+            })
+            .map_err(|source| BatchError::Start {
+                what: "the output thread",
+                source,
+            })?;
+        (
+            Events::new(config.device_id.clone(), vec![queue]),
+            Some(writer),
+        )
+    } else {
+        (Events::new(config.device_id.clone(), Vec::new()), None)
+    };
+
+    let uploader = match setup {
+        Some(setup) => {
+            if let Some(endpoint) = setup.endpoints.first() {
+                tracing::info!(
+                    "transcribing {shown} with {} ({}), {} at a time",
+                    endpoint.shown,
+                    endpoint.model,
+                    args.jobs
+                );
+            }
+            let results = tx.clone();
+            let on_result: transcribe::OnResult = Arc::new(move |f| {
+                let _ = results.send(Msg::Result(f));
+            });
+            let uploader = Uploader::start(
+                setup,
+                spool.clone(),
+                events.clone(),
+                transcribe::Options {
+                    patience: Patience::GiveUp,
+                    keep_audio: config.spool.keep_audio,
+                    workers: usize::from(args.jobs),
+                    on_state: Arc::new(|_| {}),
+                    on_result: Some(on_result),
+                },
+                (tx.clone(), Msg::UploadsDone),
+            )
+            .map_err(|e| match e {
+                transcribe::StartError::Spool(e) => BatchError::Spool(e),
+                transcribe::StartError::Thread(source) => BatchError::Start {
+                    what: "the upload threads",
+                    source,
+                },
+            })?;
+            Some(uploader)
+        }
+        None => {
+            tracing::info!("record-only: cutting {shown} into {}", spool_dir.display());
+            None
+        }
+    };
+
+    let ring_samples = u64::from(config.capture.ring_ms) * u64::from(SAMPLE_RATE) / 1000;
+    let mut dsp = crate::daemon::dsp_config(config, label);
+    let utterances = tx.clone();
+    dsp.uploads = Some(Submitter::new(move |entry, ended| {
+        let _ = utterances.send(Msg::Utterance(entry, ended));
+    }));
+    dsp.announce_audio = args.record_only || config.spool.keep_audio;
+    let pipeline = Pipeline::start(
+        source,
+        true,
+        usize::try_from(ring_samples).unwrap_or(usize::MAX).max(1),
+        dsp,
+        spool.clone(),
+        events.clone(),
+        (tx.clone(), Msg::PipelineDone),
+    )
+    .map_err(|source| BatchError::Start {
+        what: "the pipeline",
+        source,
+    })?;
+    drop(tx);
+
+    let submitter = uploader.as_ref().map(Uploader::submitter);
+    let mut progress = Progress::new(None, uploader.is_some());
+    let mut run = Run {
+        items: Vec::new(),
+        index: HashMap::new(),
+        snap: Snapshot::default(),
+        cache: cache.as_mut(),
+        use_cache: !args.no_cache,
+        spool: &spool,
+        events: &events,
+    };
+    let mut pipeline_done = false;
+    let mut uploads_done = uploader.is_none();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(Msg::Utterance(entry, ended)) => {
+                let submit = run.utterance(&entry, args.record_only);
+                match (&submitter, submit) {
+                    (Some(s), true) if !uploads_done => s.submit(entry, ended),
+                    // Every endpoint gave up: the utterance waits for the next run.
+                    _ => {}
+                }
+            }
+            Ok(Msg::Result(finished)) => run.result(finished),
+            Ok(Msg::PipelineDone) => {
+                pipeline_done = true;
+                if let Some(u) = &uploader {
+                    u.finish();
+                }
+            }
+            Ok(Msg::UploadsDone) => uploads_done = true,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        run.snap.audio_ms = pipeline
+            .shared()
+            .position
+            .load(std::sync::atomic::Ordering::Relaxed)
+            * 1000
+            / u64::from(SAMPLE_RATE);
+        progress.show(run.snap, false);
+        if pipeline_done && uploads_done {
+            break;
+        }
+    }
+    let shared = pipeline.shared().clone();
+    let summary = pipeline.join();
+    if let Some(u) = uploader {
+        u.join();
+    }
+    progress.show(run.snap, true);
+    progress.finish();
+    let duration_ms = summary.samples * 1000 / u64::from(SAMPLE_RATE);
+    let Run { items, .. } = run;
+    let counts = render::counts(&items);
+
+    // The output, whatever happened to the uploads: what was transcribed is not lost.
+    events.close();
+    if let Some(writer) = writer {
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(BatchError::Io {
+                what: "output",
+                path: args.output.clone().unwrap_or_else(|| "stdout".into()),
+                source: io::Error::other("the output thread panicked"),
+            })
+        });
+        written?;
+    } else if args.record_only {
+        let path = spool_dir.join("timeline.json");
+        let mut out = Output::open(Some(&path))?;
+        out.write(render::json(&shown, duration_ms, &items, true).as_bytes())?;
+        out.commit()?;
+        tracing::info!(
+            "{} utterances and their timeline are in {}; `hark upload -s spool.dir=...` sends them later",
+            counts.utterances,
+            spool_dir.display()
+        );
+    } else {
+        let body = match format {
+            Format::Json => render::json(&shown, duration_ms, &items, false),
+            Format::Text => render::text(&items),
+            Format::Srt => render::srt(&items),
+            Format::Vtt => render::vtt(&items),
+            Format::Jsonl => String::new(),
+        };
+        let mut out = Output::open(args.output.as_deref())?;
+        out.write(body.as_bytes())?;
+        out.commit()?;
+    }
+    report(&items, &counts, args.record_only);
+    let fatal = shared
+        .fatal
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(e) = fatal {
+        // The recording broke off (truncated): what came before is in the output.
+        return Err(BatchError::Capture(e));
+    }
+    if !args.record_only && (counts.failed > 0 || counts.pending > 0) {
+        return Err(BatchError::Incomplete(counts));
+    }
+    Ok(counts)
+}
+
+/// Say on stderr what became of the recording, and where each failure is in it.
+fn report(items: &[Item], counts: &Counts, record_only: bool) {
+    if record_only {
+        return;
+    }
+    for item in items {
+        if let State::Failed { code, message } = &item.state {
+            tracing::error!(
+                "not transcribed: the utterance at {} ({}): {code}: {message}",
+                progress::clock(item.meta.offset_ms),
+                item.meta.utterance
+            );
+        }
+    }
+    tracing::info!(
+        "{} utterances: {} transcribed, {} failed, {} not transcribed, {} too short",
+        counts.utterances,
+        counts.transcribed,
+        counts.failed,
+        counts.pending,
+        counts.dropped
+    );
+}
+
+/// The control thread's record of the run.
+struct Run<'a> {
+    items: Vec<Item>,
+    index: HashMap<String, usize>,
+    snap: Snapshot,
+    cache: Option<&'a mut Cache>,
+    use_cache: bool,
+    spool: &'a Spool,
+    events: &'a Events,
+}
+
+impl Run<'_> {
+    /// A new utterance from the dsp thread; whether it should be uploaded.
+    fn utterance(&mut self, entry: &Entry, record_only: bool) -> bool {
+        let meta = match spool::read_meta(&entry.meta) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Written by this run a moment ago: only a disk failure gets here.
+                tracing::error!("utterance {}: {e}", entry.id);
+                return false;
+            }
+        };
+        self.snap.utterances += 1;
+        let cached = self
+            .cache
+            .as_ref()
+            .filter(|_| self.use_cache)
+            .and_then(|c| c.get(meta.offset_ms, meta.duration_ms))
+            .cloned();
+        let (state, upload) = if record_only {
+            (State::Recorded, false)
+        } else if let Some(text) = cached {
+            self.snap.transcribed += 1;
+            self.snap.cached += 1;
+            self.events.emit(EventKind::Transcript {
+                utterance: meta.utterance.clone(),
+                offset_ms: meta.offset_ms,
+                text: text.text.clone(),
+                duration_ms: meta.duration_ms,
+                language: text.language.clone(),
+                segments: text.segments.clone(),
+                words: text.words.clone(),
+                logprobs: None,
+                usage: None,
+                model: text.model.clone(),
+                endpoint: text.endpoint.clone(),
+                attempts: 0,
+                latency_ms: 0,
+            });
+            let _ = self.spool.remove(entry);
+            (State::Transcribed(text), false)
+        } else if meta.duration_ms < transcribe::MIN_DURATION_MS {
+            self.events.emit(EventKind::Dropped {
+                utterance: meta.utterance.clone(),
+                offset_ms: meta.offset_ms,
+                reason: DropReason::TooShort,
+                duration_ms: meta.duration_ms,
+            });
+            let _ = self.spool.remove(entry);
+            (State::Dropped, false)
+        } else {
+            (State::Pending, true)
+        };
+        self.index.insert(meta.utterance.clone(), self.items.len());
+        self.items.push(Item { meta, state });
+        upload
+    }
+
+    fn result(&mut self, finished: Finished) {
+        match finished {
+            Finished::Transcribed {
+                utterance,
+                transcript,
+                model,
+                endpoint,
+                ..
+            } => {
+                let Some(&i) = self.index.get(&utterance) else {
+                    return;
+                };
+                let text = Text {
+                    text: transcript.text,
+                    language: transcript.language,
+                    segments: transcript.segments,
+                    words: transcript.words,
+                    model,
+                    endpoint,
+                };
+                let meta = &self.items[i].meta;
+                if let Some(cache) = self.cache.as_mut()
+                    && let Err(e) = cache.put(meta.offset_ms, meta.duration_ms, &text)
+                {
+                    tracing::warn!("resume cache {}: {e}", cache.dir().display());
+                }
+                self.items[i].state = State::Transcribed(text);
+                self.snap.transcribed += 1;
+            }
+            Finished::Failed {
+                utterance,
+                code,
+                message,
+            } => {
+                let Some(&i) = self.index.get(&utterance) else {
+                    return;
+                };
+                self.items[i].state = State::Failed {
+                    code: code.to_owned(),
+                    message,
+                };
+                self.snap.failed += 1;
+            }
+        }
+    }
+}
+
+/// Where the result goes: stdout, or a file written beside its final name and renamed into place
+/// when complete (so a half-written file never replaces a good one).
+struct Output {
+    target: Option<(PathBuf, PathBuf)>,
+    out: Box<dyn Write + Send>,
+}
+
+impl Output {
+    fn open(path: Option<&Path>) -> Result<Output, BatchError> {
+        match path {
+            None => Ok(Output {
+                target: None,
+                out: Box::new(io::LineWriter::new(io::stdout())),
+            }),
+            Some(path) => {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let tmp = path.with_file_name(format!(".{name}.part"));
+                let file = File::create(&tmp).map_err(|source| BatchError::Io {
+                    what: "output",
+                    path: tmp.clone(),
+                    source,
+                })?;
+                Ok(Output {
+                    target: Some((tmp, path.to_owned())),
+                    out: Box::new(io::BufWriter::new(file)),
+                })
+            }
+        }
+    }
+
+    fn line(&mut self, json: &str) -> io::Result<()> {
+        self.out.write_all(json.as_bytes())?;
+        self.out.write_all(b"\n")
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), BatchError> {
+        self.out
+            .write_all(bytes)
+            .map_err(|source| self.error(source))
+    }
+
+    fn error(&self, source: io::Error) -> BatchError {
+        BatchError::Io {
+            what: "output",
+            path: self
+                .target
+                .as_ref()
+                .map_or_else(|| "stdout".into(), |(_, p)| p.clone()),
+            source,
+        }
+    }
+
+    fn commit(mut self) -> Result<(), BatchError> {
+        if let Err(e) = self.out.flush() {
+            return Err(self.error(e));
+        }
+        if let Some((tmp, path)) = self.target.take() {
+            drop(self.out);
+            std::fs::rename(&tmp, &path).map_err(|source| BatchError::Io {
+                what: "output",
+                path,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
