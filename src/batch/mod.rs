@@ -99,6 +99,9 @@ pub fn format_for(output: Option<&Path>) -> Format {
     }
 }
 
+/// The subdirectory of the `--record-only` directory that holds the utterances (a spool).
+const UTTERANCES: &str = "utterances";
+
 /// Where `--record-only` writes without `-o`: `{file stem}.hark` in the current directory.
 fn default_record_dir(file: &Path) -> PathBuf {
     let stem = file
@@ -149,10 +152,12 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
 
     // The utterances' audio: the record-only directory, or the cache's spool.
     let mut cache = None;
+    let out_dir = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_record_dir(&args.file));
     let spool_dir = if args.record_only {
-        args.output
-            .clone()
-            .unwrap_or_else(|| default_record_dir(&args.file))
+        out_dir.join(UTTERANCES)
     } else {
         let file = File::open(&args.file).map_err(|source| CaptureError::Input {
             path: shown.clone(),
@@ -293,6 +298,11 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
         snap: Snapshot::default(),
         cache: cache.as_mut(),
         use_cache: !args.no_cache,
+        timeline: if args.record_only {
+            Some(Timeline::create(&out_dir.join("timeline.json"))?)
+        } else {
+            None
+        },
         spool: &spool,
         events: &events,
     };
@@ -301,7 +311,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
     loop {
         match rx.recv_timeout(Duration::from_millis(250)) {
             Ok(Msg::Utterance(entry, ended)) => {
-                let submit = run.utterance(&entry, args.record_only);
+                let submit = run.utterance(&entry);
                 match (&submitter, submit) {
                     (Some(s), true) if !uploads_done => s.submit(entry, ended),
                     // Every endpoint gave up: the utterance waits for the next run.
@@ -338,8 +348,10 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
     progress.show(run.snap, true);
     progress.finish();
     let duration_ms = summary.samples * 1000 / u64::from(SAMPLE_RATE);
-    let Run { items, .. } = run;
-    let counts = render::counts(&items);
+    let Run {
+        items, timeline, ..
+    } = run;
+    let mut counts = render::counts(&items);
 
     // The output, whatever happened to the uploads: what was transcribed is not lost.
     events.close();
@@ -352,19 +364,18 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
             })
         });
         written?;
-    } else if args.record_only {
-        let path = spool_dir.join("timeline.json");
-        let mut out = Output::open(Some(&path))?;
-        out.write(render::json(&shown, duration_ms, &items, true).as_bytes())?;
-        out.commit()?;
+    } else if let Some(timeline) = timeline {
+        counts.utterances = timeline.count;
+        timeline.finish(&shown, duration_ms, counts)?;
         tracing::info!(
-            "{} utterances and their timeline are in {}; `hark upload -s spool.dir=...` sends them later",
+            "{} utterances and their timeline are in {}; `hark upload -s spool.dir={}` sends them later",
             counts.utterances,
+            out_dir.display(),
             spool_dir.display()
         );
     } else {
         let body = match format {
-            Format::Json => render::json(&shown, duration_ms, &items, false),
+            Format::Json => render::json(&shown, duration_ms, &items, None),
             Format::Text => render::text(&items),
             Format::Srt => render::srt(&items),
             Format::Vtt => render::vtt(&items),
@@ -421,13 +432,16 @@ struct Run<'a> {
     snap: Snapshot,
     cache: Option<&'a mut Cache>,
     use_cache: bool,
+    /// `--record-only`: the timeline's utterances, written as they come (nothing is kept in
+    /// memory, however long the recording).
+    timeline: Option<Timeline>,
     spool: &'a Spool,
     events: &'a Events,
 }
 
 impl Run<'_> {
     /// A new utterance from the dsp thread; whether it should be uploaded.
-    fn utterance(&mut self, entry: &Entry, record_only: bool) -> bool {
+    fn utterance(&mut self, entry: &Entry) -> bool {
         let meta = match spool::read_meta(&entry.meta) {
             Ok(meta) => meta,
             Err(e) => {
@@ -443,9 +457,15 @@ impl Run<'_> {
             .filter(|_| self.use_cache)
             .and_then(|c| c.get(meta.offset_ms, meta.duration_ms))
             .cloned();
-        let (state, upload) = if record_only {
-            (State::Recorded, false)
-        } else if let Some(text) = cached {
+        if let Some(timeline) = &mut self.timeline {
+            let item = Item {
+                meta,
+                state: State::Recorded,
+            };
+            timeline.add(&item);
+            return false;
+        }
+        let (state, upload) = if let Some(text) = cached {
             self.snap.transcribed += 1;
             self.snap.cached += 1;
             self.events.emit(EventKind::Transcript {
@@ -526,6 +546,71 @@ impl Run<'_> {
                 self.snap.failed += 1;
             }
         }
+    }
+}
+
+/// `timeline.json` of a `--record-only` run: the utterances go to a part file as they come; the
+/// document is put together when the counts are known.
+struct Timeline {
+    path: PathBuf,
+    part: PathBuf,
+    out: io::BufWriter<File>,
+    count: u64,
+    error: Option<io::Error>,
+}
+
+impl Timeline {
+    fn create(path: &Path) -> Result<Timeline, BatchError> {
+        let part = path.with_file_name(".timeline.utterances.tmp");
+        let file = File::create(&part).map_err(|source| BatchError::Io {
+            what: "timeline",
+            path: part.clone(),
+            source,
+        })?;
+        Ok(Timeline {
+            path: path.to_owned(),
+            part,
+            out: io::BufWriter::new(file),
+            count: 0,
+            error: None,
+        })
+    }
+
+    fn add(&mut self, item: &Item) {
+        let sep: &[u8] = if self.count == 0 { b"" } else { b",\n" };
+        let line = render::json_utterance(item, Some(UTTERANCES));
+        let written = self
+            .out
+            .write_all(sep)
+            .and_then(|()| self.out.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            // Reported when the document is put together; the Ogg files are written regardless.
+            self.error.get_or_insert(e);
+        }
+        self.count += 1;
+    }
+
+    fn finish(mut self, file: &str, duration_ms: u64, counts: Counts) -> Result<(), BatchError> {
+        let err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| BatchError::Io {
+                what: "timeline",
+                path,
+                source,
+            }
+        };
+        if let Some(e) = self.error.take() {
+            return Err(err(&self.part)(e));
+        }
+        self.out.flush().map_err(err(&self.part))?;
+        let mut out = Output::open(Some(&self.path))?;
+        out.write(render::json_head(file, duration_ms, counts).as_bytes())?;
+        let mut part = File::open(&self.part).map_err(err(&self.part))?;
+        io::copy(&mut part, &mut out.out).map_err(err(&self.path))?;
+        out.write(render::JSON_TAIL.as_bytes())?;
+        out.commit()?;
+        let _ = std::fs::remove_file(&self.part);
+        Ok(())
     }
 }
 

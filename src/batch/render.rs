@@ -260,13 +260,12 @@ fn sorted(items: &[Item]) -> Vec<&Item> {
 }
 
 #[derive(Serialize)]
-struct Document<'a> {
+struct Head<'a> {
     v: u8,
     file: &'a str,
     /// Length of the recording in ms (as decoded at 16 kHz).
     duration_ms: u64,
     counts: Counts,
-    utterances: Vec<Utterance<'a>>,
 }
 
 #[derive(Serialize)]
@@ -295,7 +294,7 @@ struct Utterance<'a> {
     error: Option<ErrorField<'a>>,
     /// The Ogg file (record-only), relative to the document.
     #[serde(skip_serializing_if = "Option::is_none")]
-    audio: Option<&'a str>,
+    audio: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -304,82 +303,100 @@ struct ErrorField<'a> {
     message: &'a str,
 }
 
-/// The JSON document: every utterance with its times, text, segments and words.
-pub fn json(file: &str, duration_ms: u64, items: &[Item], audio: bool) -> String {
-    let shift = |item: &Item, s: f64| item.at(s) as f64 / 1000.0;
-    let utterances = sorted(items)
+/// The JSON document: every utterance with its times, text, segments and words, one utterance
+/// per line. Made of [`json_head`], the [`json_utterance`]s joined by `,\n`, and [`JSON_TAIL`], so
+/// that a long `--record-only` run can write the utterances as they come.
+pub fn json(file: &str, duration_ms: u64, items: &[Item], audio: Option<&str>) -> String {
+    let mut out = json_head(file, duration_ms, counts(items));
+    let lines: Vec<String> = sorted(items)
         .into_iter()
-        .map(|item| {
-            let m = &item.meta;
-            let mut u = Utterance {
-                utterance: &m.utterance,
-                offset_ms: m.offset_ms,
-                duration_ms: m.duration_ms,
-                speech_offset_ms: m.speech_offset_ms,
-                speech_ms: m.speech_ms,
-                reason: m.reason,
-                status: "recorded",
-                text: None,
-                language: None,
-                segments: Vec::new(),
-                words: Vec::new(),
-                model: None,
-                endpoint: None,
-                error: None,
-                audio: audio.then_some(m.audio.as_str()),
-            };
-            match &item.state {
-                State::Recorded => {}
-                State::Pending => u.status = "pending",
-                State::Dropped => u.status = "too_short",
-                State::Failed { code, message } => {
-                    u.status = "failed";
-                    u.error = Some(ErrorField { code, message });
-                }
-                State::Transcribed(t) => {
-                    u.status = "transcribed";
-                    u.text = Some(&t.text);
-                    u.language = t.language.as_deref();
-                    u.model = Some(&t.model);
-                    u.endpoint = Some(&t.endpoint);
-                    u.segments = t
-                        .segments
-                        .iter()
-                        .map(|s| Segment {
-                            start: shift(item, s.start),
-                            end: shift(item, s.end),
-                            ..s.clone()
-                        })
-                        .collect();
-                    u.words = t
-                        .words
-                        .iter()
-                        .map(|w| Word {
-                            start: shift(item, w.start),
-                            end: shift(item, w.end),
-                            ..w.clone()
-                        })
-                        .collect();
-                }
-            }
-            u
-        })
+        .map(|item| json_utterance(item, audio))
         .collect();
-    let doc = Document {
+    out.push_str(&lines.join(",\n"));
+    out.push_str(JSON_TAIL);
+    out
+}
+
+/// Everything before the first utterance.
+pub fn json_head(file: &str, duration_ms: u64, counts: Counts) -> String {
+    let head = Head {
         v: 1,
         file,
         duration_ms,
-        counts: counts(items),
-        utterances,
+        counts,
     };
-    match serde_json::to_string_pretty(&doc) {
-        Ok(mut s) => {
-            s.push('\n');
-            s
+    let mut s = to_json(&head);
+    // Reopen the object for the utterances.
+    s.pop();
+    s.push_str(",\"utterances\":[\n");
+    s
+}
+
+/// After the last utterance.
+pub const JSON_TAIL: &str = "\n]}\n";
+
+/// One utterance of the document, on one line; `audio`: the directory of its Ogg file, relative
+/// to the document, when the document names it (record-only).
+pub fn json_utterance(item: &Item, audio: Option<&str>) -> String {
+    let shift = |s: f64| item.at(s) as f64 / 1000.0;
+    let m = &item.meta;
+    let mut u = Utterance {
+        utterance: &m.utterance,
+        offset_ms: m.offset_ms,
+        duration_ms: m.duration_ms,
+        speech_offset_ms: m.speech_offset_ms,
+        speech_ms: m.speech_ms,
+        reason: m.reason,
+        status: "recorded",
+        text: None,
+        language: None,
+        segments: Vec::new(),
+        words: Vec::new(),
+        model: None,
+        endpoint: None,
+        error: None,
+        audio: audio.map(|dir| format!("{dir}/{}", m.audio)),
+    };
+    match &item.state {
+        State::Recorded => {}
+        State::Pending => u.status = "pending",
+        State::Dropped => u.status = "too_short",
+        State::Failed { code, message } => {
+            u.status = "failed";
+            u.error = Some(ErrorField { code, message });
         }
-        // Plain structs of strings and numbers: cannot fail.
-        Err(e) => format!("{{\"error\":\"cannot serialize: {e}\"}}\n"),
+        State::Transcribed(t) => {
+            u.status = "transcribed";
+            u.text = Some(&t.text);
+            u.language = t.language.as_deref();
+            u.model = Some(&t.model);
+            u.endpoint = Some(&t.endpoint);
+            u.segments = t
+                .segments
+                .iter()
+                .map(|s| Segment {
+                    start: shift(s.start),
+                    end: shift(s.end),
+                    ..s.clone()
+                })
+                .collect();
+            u.words = t
+                .words
+                .iter()
+                .map(|w| Word {
+                    start: shift(w.start),
+                    end: shift(w.end),
+                    ..w.clone()
+                })
+                .collect();
+        }
     }
+    to_json(&u)
+}
+
+fn to_json(value: &impl Serialize) -> String {
+    // Plain structs of strings and numbers: serializing cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 #[cfg(test)]
@@ -456,7 +473,7 @@ mod tests {
             "WEBVTT\n\n01:02:03.500 --> 01:02:04.250\na\n\n01:02:04.250 --> 01:02:05.000\nb\n\n"
         );
         let doc: serde_json::Value =
-            serde_json::from_str(&json("f.wav", 4_000_000, &items, false)).unwrap();
+            serde_json::from_str(&json("f.wav", 4_000_000, &items, None)).unwrap();
         assert_eq!(doc["utterances"][0]["segments"][0]["start"], 3723.5);
         assert_eq!(doc["utterances"][0]["segments"][1]["end"], 3725.0);
     }
@@ -517,7 +534,7 @@ mod tests {
             item(4_000, 1_000, (4_100, 500), State::Pending),
         ];
         let doc: serde_json::Value =
-            serde_json::from_str(&json("rec.flac", 6_000, &items, false)).unwrap();
+            serde_json::from_str(&json("rec.flac", 6_000, &items, None)).unwrap();
         assert_eq!(doc["file"], "rec.flac");
         assert_eq!(doc["counts"]["utterances"], 3);
         assert_eq!(doc["counts"]["transcribed"], 1);

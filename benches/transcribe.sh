@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `hark transcribe --record-only` on a 1-hour recording and on a 10-minute one, both made by
+# repeating one minute of espeak-ng speech over a -60 dBFS noise floor: wall time as a multiple of
+# real time, CPU time, peak RSS (GNU time), utterances. The output directory is on the same disk
+# as target/, as a user's would be (every utterance is fsynced like the daemon's spool).
+# Usage: bash benches/transcribe.sh   (needs espeak-ng and sox; installs `time` if missing)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+data=target/bench-data
+bin=target/release/hark
+mkdir -p "$data"
+tmp=$(mktemp -d -p target)
+trap 'rm -rf -- "$tmp"' EXIT
+
+for tool in espeak-ng sox; do
+    command -v "$tool" >/dev/null || {
+        echo "transcribe.sh: $tool is missing (apt-get install espeak-ng sox)" >&2
+        exit 1
+    }
+done
+if [ ! -x /usr/bin/time ]; then
+    apt-get install -y time >/dev/null || { apt-get update >/dev/null && apt-get install -y time >/dev/null; }
+fi
+
+echo "== cargo build --release"
+cargo build --release
+
+minute=$data/transcribe-minute.wav
+if [ ! -f "$minute" ]; then
+    echo "== making one minute of speech ($minute)"
+    i=0
+    parts=()
+    while IFS= read -r line; do
+        espeak-ng -v en-us -s 160 -w "$tmp/raw$i.wav" "$line"
+        sox -D "$tmp/raw$i.wav" -r 16000 -c 1 -b 16 "$tmp/part$i.wav" pad 0 1.5
+        parts+=("$tmp/part$i.wav")
+        i=$((i + 1))
+    done <<'EOF'
+The kitchen lights are on and the oven is warming up.
+Please lock the front door before you go to bed tonight.
+Remind me to water the plants in the garden tomorrow morning.
+What is the weather going to be like in Lisbon on Saturday?
+Turn the radio in the living room down a little bit.
+The delivery van arrived at half past three with two parcels.
+Call the plumber about the leaking tap in the upstairs bathroom.
+We need milk, bread, eggs and a bag of coffee beans.
+The meeting has been moved to Thursday at ten in the morning.
+Good night, and see you at breakfast tomorrow.
+EOF
+    sox -D "${parts[@]}" "$tmp/speech.wav" pad 1 60 trim 0 60
+    sox -D -n -r 16000 -c 1 -b 16 "$tmp/noise.wav" synth 60 whitenoise vol 0.001
+    sox -D -m -v 1 "$tmp/speech.wav" -v 1 "$tmp/noise.wav" "$minute"
+fi
+sox -D "$minute" "$data/transcribe-10min.wav" repeat 9
+sox -D "$minute" "$data/transcribe-1h.wav" repeat 59
+
+# One --record-only run on $1: seconds of audio, wall and CPU time, the multiple, peak RSS.
+measure() {
+    local out="$tmp/out-$(basename "$1" .wav)"
+    rm -rf -- "$out"
+    /usr/bin/time -v -o "$tmp/time.txt" "$bin" -q transcribe --record-only "$1" -o "$out" \
+        2>"$tmp/stderr.txt" || {
+        echo "transcribe.sh: hark failed on $1:" >&2
+        cat "$tmp/stderr.txt" "$tmp/time.txt" >&2
+        exit 1
+    }
+    local audio wall user sys kb utterances
+    audio=$(soxi -D "$1")
+    wall=$(awk -F': ' '/Elapsed \(wall clock\)/ {
+        n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; print s }' "$tmp/time.txt")
+    user=$(awk -F': ' '/User time/ {print $2}' "$tmp/time.txt")
+    sys=$(awk -F': ' '/System time/ {print $2}' "$tmp/time.txt")
+    kb=$(awk -F': *' '/Maximum resident set size/ {print $2}' "$tmp/time.txt")
+    utterances=$(find "$out" -maxdepth 1 -name '*.ogg' | wc -l)
+    awk -v name="$(basename "$1")" -v a="$audio" -v w="$wall" -v u="$user" -v s="$sys" \
+        -v kb="$kb" -v n="$utterances" 'BEGIN {
+        printf "%s: %.0f s of audio, %d utterances: wall %.2f s = %.0fx real time; CPU %.2f s (user %.2f, sys %.2f); peak RSS %d kB = %.2f MB\n",
+            name, a, n, w, a / w, u + s, u, s, kb, kb / 1000 }'
+}
+
+echo
+echo "== hark transcribe --record-only (target: >= 150x real time, RSS independent of length)"
+measure "$data/transcribe-10min.wav"
+measure "$data/transcribe-1h.wav"
