@@ -385,3 +385,115 @@ fn a_cloud_endpoint_without_a_key_is_a_config_error_that_suggests_record_only() 
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("missing.flac"), "{}", stderr(&out));
 }
+
+#[test]
+fn server_segments_become_cues_offset_by_their_utterance_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wav, truth) = recording(dir.path(), &SENTENCES[1..4], "three.wav");
+    // verbose_json with two segments per utterance, timed from the start of the audio received:
+    // the speech begins after the 300 ms pre-roll and ends 800 ms (the closing silence) before
+    // the end, and the server splits it in the middle.
+    let server = Server::start(None, |req, _| {
+        assert_eq!(req.field("response_format"), Some("verbose_json"));
+        let s = audio_ms(req) as f64 / 1000.0;
+        let (a, b) = (0.3, s - 0.8);
+        let mid = (a + b) / 2.0;
+        Reply::Json(
+            200,
+            serde_json::json!({
+                "text": "first half second half",
+                "language": "english",
+                "duration": s,
+                "segments": [
+                    {"id": 0, "start": a, "end": mid, "text": " first half"},
+                    {"id": 1, "start": mid, "end": b, "text": " second half"},
+                ],
+            })
+            .to_string(),
+        )
+    });
+    let out = transcribe(
+        &wav,
+        &server.url(),
+        &dir.path().join("cache"),
+        &[
+            "-f",
+            "srt",
+            "-s",
+            "transcribe.response_format=\"verbose_json\"",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cues = parse_srt(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(cues.len(), 2 * truth.len(), "{cues:?}");
+    for (pair, &(ta, tb)) in cues.chunks(2).zip(&truth) {
+        let (first, second) = (&pair[0], &pair[1]);
+        assert_eq!(
+            (first.2.as_str(), second.2.as_str()),
+            ("first half", "second half")
+        );
+        assert!(
+            first.0.abs_diff(ta) <= 300 && second.1.abs_diff(tb) <= 300,
+            "cues {first:?} {second:?}, sentence {ta}..{tb} ms"
+        );
+        assert_eq!(first.1, second.0, "the halves meet");
+    }
+}
+
+#[test]
+fn endpoints_down_leave_utterances_pending_and_the_next_run_sends_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wav, _) = recording(dir.path(), &SENTENCES[1..3], "two.wav");
+    let port = common::server::free_port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let cache = dir.path().join("cache");
+    let json = dir.path().join("two.json");
+    let out = transcribe(&wav, &url, &cache, &["-o", &json.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("were not transcribed"),
+        "{}",
+        stderr(&out)
+    );
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["counts"]["pending"], 2, "{doc}");
+
+    let server = Server::start_on(port, None, |_, _| {
+        Reply::Json(200, r#"{"text":"back"}"#.into())
+    });
+    let out = transcribe(&wav, &url, &cache, &["-o", &json.display().to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(server.requests().len(), 2);
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(doc["counts"]["transcribed"], 2);
+}
+
+#[test]
+fn record_only_utterances_upload_later_with_their_offsets_in_the_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wav, _) = recording(dir.path(), &SENTENCES[1..3], "two.wav");
+    let out_dir = dir.path().join("two.hark");
+    let recorded = record_only(&wav, &out_dir);
+    let server = Server::start(None, |_, _| Reply::Json(200, r#"{"text":"later"}"#.into()));
+    let spool = out_dir.join("utterances");
+    let out = run_env(
+        &[
+            "upload",
+            "-s",
+            &format!("spool.dir={:?}", spool.display().to_string()),
+            "-s",
+            &format!("transcribe.endpoint={:?}", server.url()),
+            "-s",
+            "transcribe.api_key_env=\"HARK_TEST_KEY\"",
+        ],
+        &[("HARK_TEST_KEY", KEY)],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ev = events(&out.stdout);
+    let offsets: Vec<u64> = of_type(&ev, "transcript")
+        .iter()
+        .map(|t| t["offset_ms"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = recorded.iter().map(|r| r.0).collect();
+    assert_eq!(offsets, expected);
+}
