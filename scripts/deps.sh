@@ -3,15 +3,16 @@
 #   scripts/deps.sh build   libasound2-dev, pkg-config, cmake, make, gcc (to build hark)
 #   scripts/deps.sh deb     the build set plus dpkg-dev, and cargo-deb 3 (`cargo install`), for
 #                           `make deb`
-#   scripts/deps.sh test    the build and deb sets plus espeak-ng, sox, opus-tools, mosquitto,
-#                           mosquitto-clients and systemd (systemd-analyze; for the tests)
+#   scripts/deps.sh test    the build and deb sets plus espeak-ng, sox, opus-tools, lame,
+#                           mosquitto, mosquitto-clients and systemd (systemd-analyze; for the
+#                           tests)
 set -euo pipefail
 want=(libasound2-dev pkg-config cmake make gcc)
 if [ "${1:-build}" = deb ] || [ "${1:-build}" = test ]; then
   want+=(dpkg-dev)
 fi
 if [ "${1:-build}" = test ]; then
-  want+=(espeak-ng sox opus-tools mosquitto mosquitto-clients systemd)
+  want+=(espeak-ng sox opus-tools lame mosquitto mosquitto-clients systemd)
 fi
 missing=()
 for p in "${want[@]}"; do

@@ -59,7 +59,8 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct RunArgs {
-    /// WAV or raw s16le 16 kHz mono file, or - for stdin (overrides capture.source).
+    /// WAV, FLAC, MP3, Ogg/Opus or raw s16le 16 kHz mono file, or - for stdin (overrides
+    /// capture.source).
     #[arg(short = 'i', long = "input", value_name = "PATH")]
     pub input: Option<String>,
     /// ALSA PCM name (overrides capture.device, selects capture.source = alsa).

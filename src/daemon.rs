@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::capture::alsa::{self, AlsaSource, DeviceInfo};
-use crate::capture::file::FileSource;
+use crate::capture::file::{FileSource, open_input};
 use crate::capture::{CaptureError, SAMPLE_RATE, Shared, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, Source as SourceKind};
@@ -823,10 +823,11 @@ fn open_source(config: &Config, args: &RunArgs) -> Result<(Box<dyn Source>, bool
     let c = &config.capture;
     Ok(match c.source {
         SourceKind::File => {
-            let source = FileSource::open_path(&c.file, c.channel, args.pace)?;
-            let (rate, channels) = source.format();
-            tracing::info!("reading {} ({rate} Hz, {channels} ch)", c.file.display());
-            (Box::new(source), true)
+            let source = open_input(&c.file, c.channel, args.pace)?;
+            if let Some((rate, channels)) = source.input_format() {
+                tracing::info!("reading {} ({rate} Hz, {channels} ch)", c.file.display());
+            }
+            (source, true)
         }
         SourceKind::Stdin => (Box::new(FileSource::stdin(args.pace)?), true),
         SourceKind::Alsa => {

@@ -74,8 +74,11 @@ fn init_logging(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("hark={level},{level}")));
+    // symphonia (FLAC/MP3 input) logs player-oriented details at info; hark reports what matters.
+    let media = if level == "info" { "warn" } else { level };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("hark={level},symphonia={media},{level}"))
+    });
     // ureq-proto's trace output dumps request heads byte by byte, the API key among them.
     let filter = match "ureq_proto=off".parse() {
         Ok(directive) => filter.add_directive(directive),

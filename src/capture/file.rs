@@ -1,14 +1,23 @@
-//! File and stdin sources: WAV at any common rate, width and channel count, or raw s16le 16 kHz mono.
+//! File and stdin sources: WAV at any common rate, width and channel count, or raw s16le 16 kHz mono;
+//! and [`open_input`], the one way to open an input file of any kind hark reads.
 //!
 //! A file is read as fast as the pipeline takes it (the ring waits for the consumer, so a file never
-//! overruns), or at real-time speed with `--pace`, as a microphone would deliver it. A file whose name
-//! ends in `.wav` or that starts with a RIFF tag must parse as WAV; anything else is raw s16le.
+//! overruns), or at real-time speed with `--pace`, as a microphone would deliver it.
+//!
+//! [`open_input`] looks at the first four bytes, then at the name: `RIFF`/`RIFX`/`RF64` is WAV,
+//! `fLaC` FLAC, `OggS` Ogg/Opus and `ID3` MP3, whatever the name; otherwise a name ending in
+//! `.wav`/`.wave` is WAV, `.flac` FLAC, `.mp3` MP3 and `.ogg`/`.opus`/`.oga` Ogg/Opus; anything
+//! else is raw s16le. WAV and raw are read here; the compressed formats by
+//! [`MediaSource`](super::media::MediaSource). A recognised file that does not parse is an error,
+//! never read as raw noise. The bytes read to recognise a file are put back in front of it, so a
+//! FIFO works for every format.
 
 use std::fs::File;
 use std::io::{self, BufReader, Chain, Cursor, Read};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::media::{MediaError, MediaKind, MediaSource};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::config::ChannelSel;
 
@@ -16,16 +25,94 @@ pub const NAME: &str = "file";
 pub const STDIN_NAME: &str = "stdin";
 
 /// Frames read per period: 20 ms at the file's rate.
-const PERIOD_MS: usize = 20;
+pub(super) const PERIOD_MS: usize = 20;
 
 /// The file with the bytes already read to recognise it put back in front (the file may be a
 /// pipe, which cannot be reopened or rewound).
 type Sniffed = Chain<Cursor<Vec<u8>>, File>;
 
-/// What a WAV header may declare; beyond this it is broken or hostile, not a recording.
-const MAX_RATE: u32 = 192_000;
-const MIN_RATE: u32 = 8_000;
-const MAX_CHANNELS: u16 = 32;
+/// What a file header may declare; beyond this it is broken or hostile, not a recording.
+pub(super) const MAX_RATE: u32 = 192_000;
+pub(super) const MIN_RATE: u32 = 8_000;
+pub(super) const MAX_CHANNELS: u16 = 32;
+
+/// What an input file is, by its first bytes and then its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Wav,
+    Media(MediaKind),
+    Raw,
+}
+
+/// Recognise a file from its first (up to 4) bytes, then from its extension. Pure, for tests.
+fn recognise(magic: &[u8], path: &Path) -> Kind {
+    if [b"RIFF", b"RIFX", b"RF64"]
+        .iter()
+        .any(|m| magic.starts_with(*m))
+    {
+        return Kind::Wav;
+    }
+    if magic.starts_with(b"fLaC") {
+        return Kind::Media(MediaKind::Flac);
+    }
+    if magic.starts_with(b"OggS") {
+        return Kind::Media(MediaKind::OggOpus);
+    }
+    if magic.starts_with(b"ID3") {
+        return Kind::Media(MediaKind::Mp3);
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("wav" | "wave") => Kind::Wav,
+        Some("flac") => Kind::Media(MediaKind::Flac),
+        Some("mp3") => Kind::Media(MediaKind::Mp3),
+        Some("ogg" | "opus" | "oga") => Kind::Media(MediaKind::OggOpus),
+        _ => Kind::Raw,
+    }
+}
+
+/// Open any input file hark reads: WAV, FLAC, MP3, Ogg/Opus or raw s16le 16 kHz mono (see the
+/// module doc for how each is recognised). The header is read now, so that a bad file is reported
+/// before capture starts.
+///
+/// ```no_run
+/// use hark::capture::file::open_input;
+/// use hark::config::ChannelSel;
+///
+/// let source = open_input("talk.flac".as_ref(), ChannelSel::Mix, false)?;
+/// println!("{} ({:?} samples at 16 kHz)", source.describe(), source.duration_samples());
+/// # Ok::<(), hark::capture::CaptureError>(())
+/// ```
+pub fn open_input(
+    path: &Path,
+    channel: ChannelSel,
+    pace: bool,
+) -> Result<Box<dyn Source>, CaptureError> {
+    let (file, magic) = open_sniffing(path)?;
+    Ok(match recognise(&magic, path) {
+        Kind::Wav => Box::new(FileSource::open_wav(path, file, magic, channel, pace)?),
+        Kind::Raw => Box::new(FileSource::open_raw(path, file, magic, channel, pace)?),
+        Kind::Media(kind) => Box::new(MediaSource::open(path, kind, file, magic, channel, pace)?),
+    })
+}
+
+/// Open `path` (not a directory) and read up to 4 bytes to recognise it.
+fn open_sniffing(path: &Path) -> Result<(File, Vec<u8>), CaptureError> {
+    let input_err = |source| CaptureError::Input {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = File::open(path).map_err(input_err)?;
+    if file.metadata().map_err(input_err)?.is_dir() {
+        return Err(input_err(io::Error::other("is a directory")));
+    }
+    let mut magic = [0u8; 4];
+    let n = read_full(&mut file, &mut magic).map_err(input_err)?;
+    Ok((file, magic[..n].to_vec()))
+}
 
 enum Reader {
     Wav {
@@ -48,84 +135,143 @@ pub struct FileSource {
     buf: Vec<i16>,
     bytes: Vec<u8>,
     pace: Option<Pace>,
+    /// The input's length in stream samples (16 kHz), when known.
+    duration: Option<u64>,
 }
 
-struct Pace {
+/// `--pace`: deliver a file at real-time speed, as a microphone would, by sleeping until each
+/// period is due (measured from the first period, so the sleeps do not drift).
+pub(super) struct Pace {
+    rate: u32,
     start: Option<Instant>,
     frames: u64,
 }
 
+impl Pace {
+    pub(super) fn new(rate: u32) -> Pace {
+        Pace {
+            rate: rate.max(1),
+            start: None,
+            frames: 0,
+        }
+    }
+
+    /// `frames` more frames have been delivered: sleep until they are due.
+    pub(super) fn wait(&mut self, frames: usize) {
+        let start = *self.start.get_or_insert_with(Instant::now);
+        self.frames += frames as u64;
+        let due = start + Duration::from_micros(self.frames * 1_000_000 / u64::from(self.rate));
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
+}
+
+/// `frames` at `rate` in stream samples (16 kHz): what the converter delivers for them.
+pub(super) fn to_stream_samples(frames: u64, rate: u32) -> u64 {
+    (u128::from(frames) * u128::from(SAMPLE_RATE) / u128::from(rate.max(1))) as u64
+}
+
 impl FileSource {
-    /// Open `path` and read its header now, so that a bad file is reported before capture starts.
+    /// Open `path` as WAV or raw s16le 16 kHz mono, and read its header now, so that a bad file
+    /// is reported before capture starts. A FLAC, MP3 or Ogg/Opus file is an error here (rather
+    /// than being read as raw noise): [`open_input`] opens any input file.
     pub fn open_path(
         path: &Path,
         channel: ChannelSel,
         pace: bool,
     ) -> Result<FileSource, CaptureError> {
+        let (file, magic) = open_sniffing(path)?;
+        match recognise(&magic, path) {
+            Kind::Wav => Self::open_wav(path, file, magic, channel, pace),
+            Kind::Raw => Self::open_raw(path, file, magic, channel, pace),
+            Kind::Media(kind) => Err(CaptureError::Media {
+                path: path.display().to_string(),
+                source: MediaError::Unusable(format!(
+                    "{kind} is read by MediaSource (open it with capture::file::open_input)"
+                )),
+            }),
+        }
+    }
+
+    /// A WAV file whose first bytes `magic` have been read.
+    fn open_wav(
+        path: &Path,
+        file: File,
+        magic: Vec<u8>,
+        channel: ChannelSel,
+        pace: bool,
+    ) -> Result<FileSource, CaptureError> {
         let shown = path.display().to_string();
-        let input_err = |source| CaptureError::Input {
-            path: shown.clone(),
-            source,
-        };
-        let mut file = File::open(path).map_err(input_err)?;
-        if file.metadata().map_err(input_err)?.is_dir() {
-            return Err(input_err(io::Error::other("is a directory")));
-        }
-        let mut magic = [0u8; 4];
-        let n = read_full(&mut file, &mut magic).map_err(input_err)?;
-        let by_name = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("wav") || e.eq_ignore_ascii_case("wave"));
-        let by_magic = n == 4 && matches!(&magic, b"RIFF" | b"RIFX" | b"RF64");
-        let file = Cursor::new(magic[..n].to_vec()).chain(file);
-        if by_name || by_magic {
-            let wav = hound::WavReader::new(BufReader::new(file)).map_err(|source| {
-                CaptureError::Wav {
-                    path: shown.clone(),
-                    source,
-                }
+        let file = Cursor::new(magic).chain(file);
+        let wav =
+            hound::WavReader::new(BufReader::new(file)).map_err(|source| CaptureError::Wav {
+                path: shown.clone(),
+                source,
             })?;
-            let spec = wav.spec();
-            let bad = if !(MIN_RATE..=MAX_RATE).contains(&spec.sample_rate) {
-                Some("sample rate outside 8000..=192000 Hz")
-            } else if spec.channels == 0 || spec.channels > MAX_CHANNELS {
-                Some("channel count outside 1..=32")
-            } else {
-                None
-            };
-            if let Some(why) = bad {
-                return Err(CaptureError::Wav {
-                    path: shown,
-                    source: hound::Error::FormatError(why),
-                });
-            }
-            if let ChannelSel::Index(c) = channel
-                && c >= u32::from(spec.channels)
-            {
-                return Err(CaptureError::Channel {
-                    path: shown,
-                    channel: c,
-                    channels: spec.channels,
-                });
-            }
-            let reader = Reader::Wav {
-                wav,
-                float: spec.sample_format == hound::SampleFormat::Float,
-                bits: spec.bits_per_sample,
-            };
-            Self::new(
-                NAME,
-                shown,
-                reader,
-                spec.sample_rate,
-                spec.channels.into(),
-                channel,
-                pace,
-            )
+        let spec = wav.spec();
+        let bad = if !(MIN_RATE..=MAX_RATE).contains(&spec.sample_rate) {
+            Some("sample rate outside 8000..=192000 Hz")
+        } else if spec.channels == 0 || spec.channels > MAX_CHANNELS {
+            Some("channel count outside 1..=32")
         } else {
-            let reader = Reader::Raw(Box::new(BufReader::new(file)));
-            Self::new(NAME, shown, reader, SAMPLE_RATE, 1, channel, pace)
+            None
+        };
+        if let Some(why) = bad {
+            return Err(CaptureError::Wav {
+                path: shown,
+                source: hound::Error::FormatError(why),
+            });
         }
+        if let ChannelSel::Index(c) = channel
+            && c >= u32::from(spec.channels)
+        {
+            return Err(CaptureError::Channel {
+                path: shown,
+                channel: c,
+                channels: spec.channels,
+            });
+        }
+        // The header's frame count; a file cut short delivers less (and ends with an error).
+        let duration = to_stream_samples(u64::from(wav.duration()), spec.sample_rate);
+        let reader = Reader::Wav {
+            wav,
+            float: spec.sample_format == hound::SampleFormat::Float,
+            bits: spec.bits_per_sample,
+        };
+        let mut source = Self::new(
+            NAME,
+            shown,
+            reader,
+            spec.sample_rate,
+            spec.channels.into(),
+            channel,
+            pace,
+        )?;
+        source.duration = Some(duration);
+        Ok(source)
+    }
+
+    /// A raw s16le 16 kHz mono file whose first bytes `magic` have been read.
+    fn open_raw(
+        path: &Path,
+        file: File,
+        magic: Vec<u8>,
+        channel: ChannelSel,
+        pace: bool,
+    ) -> Result<FileSource, CaptureError> {
+        // A regular file's length is its duration; a pipe's is unknown.
+        let duration = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len() / 2);
+        let reader = Reader::Raw(Box::new(BufReader::new(Cursor::new(magic).chain(file))));
+        let shown = path.display().to_string();
+        let mut source = Self::new(NAME, shown, reader, SAMPLE_RATE, 1, channel, pace)?;
+        source.duration = duration;
+        Ok(source)
     }
 
     /// Raw s16le 16 kHz mono from standard input.
@@ -172,10 +318,8 @@ impl FileSource {
             channels,
             buf: vec![0; period * channels],
             bytes: vec![0; period * channels * 2],
-            pace: pace.then_some(Pace {
-                start: None,
-                frames: 0,
-            }),
+            pace: pace.then(|| Pace::new(rate)),
+            duration: None,
         })
     }
 
@@ -269,13 +413,7 @@ impl Source for FileSource {
             return Ok(Flow::Continue);
         }
         if let Some(pace) = &mut self.pace {
-            let start = *pace.start.get_or_insert_with(Instant::now);
-            pace.frames += (n / self.channels) as u64;
-            let due = start + Duration::from_micros(pace.frames * 1_000_000 / u64::from(self.rate));
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
+            pace.wait(n / self.channels);
         }
         Ok(Flow::Continue)
     }
@@ -284,7 +422,109 @@ impl Source for FileSource {
         true
     }
 
+    fn input_format(&self) -> Option<(u32, usize)> {
+        Some(self.format())
+    }
+
+    fn duration_samples(&self) -> Option<u64> {
+        self.duration
+    }
+
     fn flush(&mut self, ring: &mut RingWriter) {
         self.converter.flush(ring);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_win_then_the_name_then_raw() {
+        let p = |name: &str| Path::new(name).to_path_buf();
+        let flac = Kind::Media(MediaKind::Flac);
+        let mp3 = Kind::Media(MediaKind::Mp3);
+        let ogg = Kind::Media(MediaKind::OggOpus);
+        for (magic, name, kind) in [
+            (&b"RIFF"[..], "x.flac", Kind::Wav),
+            (b"RF64", "x", Kind::Wav),
+            (b"RIFX", "x.raw", Kind::Wav),
+            (b"fLaC", "x.wav", flac),
+            (b"OggS", "x.mp3", ogg),
+            (b"ID3\x04", "x", mp3),
+            (b"\x00\x01\x02\x03", "x.WAV", Kind::Wav),
+            (b"\x00\x01\x02\x03", "x.wave", Kind::Wav),
+            (b"\x00\x01\x02\x03", "x.FLAC", flac),
+            (b"\xff\xfb\x90\x00", "x.mp3", mp3),
+            (b"\x00\x01\x02\x03", "x.ogg", ogg),
+            (b"\x00\x01\x02\x03", "x.opus", ogg),
+            (b"\x00\x01\x02\x03", "x.oga", ogg),
+            (b"\x00\x01\x02\x03", "x.raw", Kind::Raw),
+            (b"\xff\xfb\x90\x00", "/dev/stdin", Kind::Raw),
+            (b"RI", "short", Kind::Raw),
+            (b"", "empty.flac", flac),
+            (b"", "empty", Kind::Raw),
+        ] {
+            assert_eq!(recognise(magic, &p(name)), kind, "{magic:?} {name}");
+        }
+    }
+
+    #[test]
+    fn wav_and_raw_files_know_their_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let wav = dir.path().join("a.wav");
+        let spec = hound::WavSpec {
+            channels: 2,
+            sample_rate: 48_000,
+            bits_per_sample: 16,
+            sample_format: hound::SampleFormat::Int,
+        };
+        let mut w = hound::WavWriter::create(&wav, spec).unwrap();
+        for _ in 0..2 * 24_000 {
+            w.write_sample(0i16).unwrap();
+        }
+        w.finalize().unwrap();
+        let source = open_input(&wav, ChannelSel::Mix, false).unwrap();
+        assert_eq!(source.duration_samples(), Some(8_000));
+        assert_eq!(source.input_format(), Some((48_000, 2)));
+
+        let raw = dir.path().join("a.raw");
+        std::fs::write(&raw, [0u8; 3200]).unwrap();
+        let source = open_input(&raw, ChannelSel::Mix, false).unwrap();
+        assert_eq!(source.duration_samples(), Some(1600));
+    }
+
+    #[test]
+    fn compressed_files_through_a_fifo_are_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in.fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Ogg/Opus from hark's own writer, 0.5 s.
+        let settings = crate::encode::EncodeSettings {
+            bitrate: 24_000,
+            complexity: 5,
+        };
+        let mut w = crate::encode::OggOpusWriter::new(Vec::new(), &settings, "t", &[], 1).unwrap();
+        w.write(&[100i16; 8000]).unwrap();
+        let (bytes, _) = w.finish().unwrap();
+        let path = fifo.clone();
+        let writer = std::thread::spawn(move || std::fs::write(path, bytes).unwrap());
+        let source = open_input(&fifo, ChannelSel::Mix, false).unwrap();
+        writer.join().unwrap();
+        assert_eq!(source.duration_samples(), Some(8000));
+    }
+
+    #[test]
+    fn open_path_refuses_compressed_files_rather_than_reading_noise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.mp3");
+        std::fs::write(&path, b"ID3\x04\x00\x00\x00\x00\x00\x00").unwrap();
+        let err = FileSource::open_path(&path, ChannelSel::Mix, false)
+            .err()
+            .unwrap();
+        assert_eq!(err.code(), "bad_media");
+        assert!(err.to_string().contains("open_input"), "{err}");
     }
 }

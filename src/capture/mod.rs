@@ -10,6 +10,7 @@
 
 pub mod alsa;
 pub mod file;
+pub mod media;
 pub mod realtime;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,6 +41,13 @@ pub enum CaptureError {
     /// The file looks like WAV but its header is broken or unsupported. Final.
     #[error("{path}: not a usable WAV file: {source}")]
     Wav { path: String, source: hound::Error },
+    /// The file looks like FLAC, MP3 or Ogg/Opus (by its first bytes or its name) but cannot be
+    /// decoded, or its audio is unusable (rate, channels, a format change mid-way). Final.
+    #[error("{path}: not a usable FLAC/MP3/Ogg-Opus file: {source}")]
+    Media {
+        path: String,
+        source: media::MediaError,
+    },
     /// `capture.channel` names a channel the file does not have. Final.
     #[error(
         "{path} has {channels} channel(s); capture.channel = {channel} does not exist (channels count from 0)"
@@ -78,6 +86,7 @@ impl CaptureError {
         match self {
             CaptureError::Input { .. } => "input_unreadable",
             CaptureError::Wav { .. } => "bad_wav",
+            CaptureError::Media { .. } => "bad_media",
             CaptureError::Channel { .. } => "bad_channel",
             CaptureError::Alsa { .. } | CaptureError::Unsupported { .. } => "device_unavailable",
             CaptureError::Resample { .. } => "resample",
@@ -111,6 +120,17 @@ pub trait Source: Send {
     }
     /// Capture is stopping: push what the converter still holds (the resampler's tail).
     fn flush(&mut self, _ring: &mut RingWriter) {}
+    /// A file's own sample rate and channel count (for logs); `None` for devices and stdin.
+    fn input_format(&self) -> Option<(u32, usize)> {
+        None
+    }
+    /// The input's length in stream samples (16 kHz), when the file says so: WAV and FLAC
+    /// headers, MP3's Xing/VBRI header (or symphonia's estimate from the bitrate), the decoded
+    /// length of Ogg/Opus, a raw file's size. `None` for devices, pipes and stdin. A progress
+    /// measure, not a promise: a file cut short delivers less.
+    fn duration_samples(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// A break in the sample stream, in stream positions (samples at 16 kHz).
