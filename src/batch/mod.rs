@@ -131,10 +131,12 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
                 .into(),
         ));
     }
-    let source =
-        crate::capture::file::FileSource::open_path(&args.file, config.capture.channel, false)?;
-    let source: Box<dyn Source> = Box::new(source);
+    let source: Box<dyn Source> =
+        crate::capture::file::open_input(&args.file, config.capture.channel, false)?;
     let label = source.describe();
+    let total_ms = source
+        .duration_samples()
+        .map(|n| n * 1000 / u64::from(SAMPLE_RATE));
     let shown = args.file.display().to_string();
 
     let setup = if args.record_only {
@@ -291,7 +293,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
     drop(tx);
 
     let submitter = uploader.as_ref().map(Uploader::submitter);
-    let mut progress = Progress::new(None, uploader.is_some());
+    let mut progress = Progress::new(total_ms, uploader.is_some());
     let mut run = Run {
         items: Vec::new(),
         index: HashMap::new(),
