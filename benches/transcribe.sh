@@ -72,7 +72,7 @@ measure() {
     user=$(awk -F': ' '/User time/ {print $2}' "$tmp/time.txt")
     sys=$(awk -F': ' '/System time/ {print $2}' "$tmp/time.txt")
     kb=$(awk -F': *' '/Maximum resident set size/ {print $2}' "$tmp/time.txt")
-    utterances=$(find "$out" -maxdepth 1 -name '*.ogg' | wc -l)
+    utterances=$(find "$out/utterances" -maxdepth 1 -name '*.ogg' | wc -l)
     awk -v name="$(basename "$1")" -v a="$audio" -v w="$wall" -v u="$user" -v s="$sys" \
         -v kb="$kb" -v n="$utterances" 'BEGIN {
         printf "%s: %.0f s of audio, %d utterances: wall %.2f s = %.0fx real time; CPU %.2f s (user %.2f, sys %.2f); peak RSS %d kB = %.2f MB\n",

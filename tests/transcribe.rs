@@ -62,6 +62,20 @@ fn transcribe(file: &Path, url: &str, cache: &Path, extra: &[&str]) -> Output {
     run_env(&refs, &[("HARK_TEST_KEY", KEY)])
 }
 
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -348,6 +362,28 @@ fn a_permanent_failure_is_reported_the_rest_kept_and_a_rerun_uploads_only_it() {
     );
     let first_run = server.requests().len();
     assert_eq!(first_run, 4);
+    assert_eq!(
+        server.requests()[0].header("authorization"),
+        Some(format!("Bearer {KEY}").as_str())
+    );
+    // The key is sent, and nowhere else: not in the output, the logs or the cache.
+    for (what, text) in [
+        ("stdout", String::from_utf8_lossy(&out.stdout).into_owned()),
+        ("stderr", err.clone()),
+        ("output", std::fs::read_to_string(&json).unwrap()),
+    ] {
+        assert!(!text.contains(&KEY[8..]), "the key is in {what}");
+    }
+    for entry in walk(&cache) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !bytes
+                .windows(KEY.len() - 8)
+                .any(|w| w == &KEY.as_bytes()[8..]),
+            "the key is in {}",
+            entry.display()
+        );
+    }
 
     // The server takes it now: the second run sends that one utterance and nothing else.
     refuse.store(false, Ordering::SeqCst);
@@ -496,4 +532,53 @@ fn record_only_utterances_upload_later_with_their_offsets_in_the_recording() {
         .collect();
     let expected: Vec<u64> = recorded.iter().map(|r| r.0).collect();
     assert_eq!(offsets, expected);
+}
+
+// See: review of issue 6 — with -f jsonl, a reader that went away made every upload wait forever
+// for a sink to take its transcript.
+#[test]
+fn jsonl_to_a_reader_that_goes_away_ends_with_an_error_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wav, _) = recording(dir.path(), &SENTENCES[1..4], "three.wav");
+    let server = Server::start(None, |_, _| Reply::Json(200, r#"{"text":"ok"}"#.into()));
+    let script = format!(
+        "{{ \"$HARK\" transcribe \"$WAV\" -f jsonl --cache-dir \"$CACHE\" \
+         -s 'transcribe.endpoint=\"{}\"' -s 'transcribe.api_key_env=\"HARK_TEST_KEY\"'; \
+         echo \"hark exit $?\" >&2; }} | head -1 >/dev/null",
+        server.url()
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("HARK", env!("CARGO_BIN_EXE_hark"))
+        .env("WAV", &wav)
+        .env("CACHE", dir.path().join("cache"))
+        .env("HARK_TEST_KEY", KEY)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + RUN_LIMIT;
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "hark hangs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(err.contains("hark exit 1"), "{err}");
+    assert!(err.contains("cannot write the events"), "{err}");
+    // What was uploaded is not lost: the next run has it all in the cache.
+    let uploaded = server.requests().len();
+    let out = transcribe(
+        &wav,
+        &server.url(),
+        &dir.path().join("cache"),
+        &["-f", "text"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    assert_eq!(
+        server.requests().len(),
+        uploaded,
+        "all of it came from the cache"
+    );
 }

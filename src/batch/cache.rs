@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,7 @@ use super::render::Text;
 use crate::config::Config;
 
 /// Where the cache lives without `--cache-dir`: `$XDG_CACHE_HOME/hark/transcribe`, else
-/// `~/.cache/hark/transcribe`, else the temporary directory.
+/// `~/.cache/hark/transcribe`, else `hark-cache-UID` in the temporary directory.
 pub fn default_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
@@ -32,8 +33,13 @@ pub fn default_dir() -> PathBuf {
                 .filter(|v| !v.is_empty())
                 .map(|h| PathBuf::from(h).join(".cache"))
         })
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("hark").join("transcribe")
+        .map(|b| b.join("hark"))
+        .unwrap_or_else(|| {
+            // SAFETY: getuid cannot fail and touches no memory.
+            let uid = unsafe { libc::getuid() };
+            std::env::temp_dir().join(format!("hark-cache-{uid}"))
+        });
+    base.join("transcribe")
 }
 
 /// The BLAKE3 hash of everything `r` yields, as hex.
@@ -56,6 +62,17 @@ pub fn content_hash(mut r: impl Read) -> io::Result<String> {
 /// A hash of the settings that decide the utterances and their transcripts.
 pub fn settings_hash(config: &Config) -> String {
     let t = &config.transcribe;
+    // The reference recordings by content: a new recording of a speaker is a new question.
+    let speakers: Vec<(String, String)> = t
+        .known_speakers
+        .iter()
+        .map(|k| {
+            let audio = File::open(&k.audio)
+                .and_then(content_hash)
+                .unwrap_or_else(|_| k.audio.display().to_string());
+            (k.name.clone(), audio)
+        })
+        .collect();
     let key = serde_json::json!({
         "vad": config.vad,
         "channel": config.capture.channel,
@@ -67,6 +84,9 @@ pub fn settings_hash(config: &Config) -> String {
         "temperature": t.temperature,
         "timestamp_granularities": t.timestamp_granularities,
         "include": t.include,
+        "chunking_strategy": t.chunking_strategy,
+        "endpoint": t.endpoint,
+        "known_speakers": speakers,
     });
     blake3::hash(key.to_string().as_bytes())
         .to_hex()
@@ -87,6 +107,8 @@ pub struct Cache {
     dir: PathBuf,
     known: HashMap<(u64, u64), Text>,
     log: File,
+    /// A write failed part-way: the next line starts on a line of its own.
+    torn: bool,
 }
 
 impl Cache {
@@ -98,13 +120,16 @@ impl Cache {
             &settings[..settings.len().min(16)]
         ));
         fs::create_dir_all(&dir)?;
+        // Transcripts are private: only the user who made them reads them.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
         let path = dir.join("transcripts.jsonl");
         let mut known = HashMap::new();
         match File::open(&path) {
             Ok(f) => {
-                for line in BufReader::new(f).lines() {
-                    // A torn last line (a crash mid-append) or foreign text is skipped.
-                    if let Ok(l) = serde_json::from_str::<Line>(&line?) {
+                for line in BufReader::new(f).split(b'\n') {
+                    // A torn line (a crash or a full disk mid-append, perhaps inside a multi-byte
+                    // character) or foreign bytes are skipped.
+                    if let Ok(l) = serde_json::from_slice::<Line>(&line?) {
                         known.insert((l.offset_ms, l.duration_ms), l.text);
                     }
                 }
@@ -117,7 +142,12 @@ impl Cache {
         if fs::metadata(&path)?.len() > 0 && !ends_with_newline(&path)? {
             log.write_all(b"\n")?;
         }
-        Ok(Cache { dir, known, log })
+        Ok(Cache {
+            dir,
+            known,
+            log,
+            torn: false,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -143,9 +173,13 @@ impl Cache {
             duration_ms,
             text: text.clone(),
         };
-        let mut json = serde_json::to_vec(&line).map_err(io::Error::other)?;
+        let mut json = if self.torn { vec![b'\n'] } else { Vec::new() };
+        serde_json::to_writer(&mut json, &line).map_err(io::Error::other)?;
         json.push(b'\n');
-        self.log.write_all(&json)?;
+        self.torn = self.log.write_all(&json).is_err();
+        if self.torn {
+            return Err(io::Error::other("cannot append to transcripts.jsonl"));
+        }
         self.known.insert((offset_ms, duration_ms), text.clone());
         Ok(())
     }
@@ -178,7 +212,9 @@ mod tests {
         }
         let path = root.path().join("abcdef0123456789-0123/transcripts.jsonl");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(br#"{"offset_ms":5000,"dur"#).unwrap();
+        // Torn inside a multi-byte character: not even UTF-8.
+        f.write_all(b"{\"offset_ms\":5000,\"text\":\"\xe6\x97")
+            .unwrap();
         drop(f);
         let mut c = Cache::open(root.path(), "abcdef0123456789ff", "0123").unwrap();
         assert_eq!(c.get(1_000, 2_000), Some(&text));

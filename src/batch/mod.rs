@@ -65,6 +65,13 @@ pub enum BatchError {
         what: &'static str,
         source: io::Error,
     },
+    /// Utterances the spool could not write (each reported when it happened): exit 1.
+    #[error(
+        "{count} utterances could not be written to {} (see the errors above) and are missing \
+         from the output",
+        dir.display()
+    )]
+    Unwritten { count: u64, dir: PathBuf },
     /// Some utterances have no transcript (the output says which): exit 1.
     #[error(
         "{} of {} utterances failed for good and {} were not transcribed (endpoints down); \
@@ -197,11 +204,20 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
             leftovers.len()
         )));
     }
-    // An interrupted run's audio: this run cuts the same utterances again.
+    // An interrupted run's audio, and what failed last time: this run cuts them again.
     for entry in &leftovers {
         let _ = spool.remove(entry);
     }
+    if !args.record_only {
+        let _ = std::fs::remove_dir_all(spool_dir.join("failed"));
+    }
 
+    // Opened before anything is uploaded: a bad -o is found before the recording is billed.
+    let document = if format == Format::Jsonl || args.record_only {
+        None
+    } else {
+        Some(Output::open(args.output.as_deref())?)
+    };
     let (tx, rx) = mpsc::channel();
     let (events, writer) = if format == Format::Jsonl && !args.record_only {
         let (queue, lines) = SinkQueue::pair("jsonl", 1 << 16);
@@ -209,23 +225,29 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
         let writer = thread::Builder::new()
             .name("hark-jsonl".into())
             .spawn(move || {
+                // After a failed write (a closed pipe, a full disk) the lines are still taken, so
+                // that no upload waits for a reader that is gone; the error is the exit status.
+                let mut failed = None;
                 for line in lines {
-                    if let Err(e) = out.line(&line.json) {
-                        return Err(out.error(e));
+                    if failed.is_none()
+                        && let Err(e) = out.line(&line.json)
+                    {
+                        tracing::error!("cannot write the events: {e}; going on without them");
+                        failed = Some(e);
                     }
                 }
-                out.commit()
+                match failed {
+                    Some(e) => Err(out.error(e)),
+                    None => out.commit(),
+                }
             })
             .map_err(|source| BatchError::Start {
                 what: "the output thread",
                 source,
             })?;
-        (
-            Events::new(config.device_id.clone(), vec![queue]),
-            Some(writer),
-        )
+        (Events::new(config.device_id(), vec![queue]), Some(writer))
     } else {
-        (Events::new(config.device_id.clone(), Vec::new()), None)
+        (Events::new(config.device_id(), Vec::new()), None)
     };
 
     let uploader = match setup {
@@ -375,7 +397,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
             out_dir.display(),
             spool_dir.display()
         );
-    } else {
+    } else if let Some(mut out) = document {
         let body = match format {
             Format::Json => render::json(&shown, duration_ms, &items, None),
             Format::Text => render::text(&items),
@@ -383,11 +405,18 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
             Format::Vtt => render::vtt(&items),
             Format::Jsonl => String::new(),
         };
-        let mut out = Output::open(args.output.as_deref())?;
         out.write(body.as_bytes())?;
         out.commit()?;
     }
     report(&items, &counts, args.record_only);
+    // Cut but not written (a full disk): not in the output, so the run is not complete.
+    let lost = summary.utterances.saturating_sub(counts.utterances);
+    if lost > 0 {
+        return Err(BatchError::Unwritten {
+            count: lost,
+            dir: spool_dir,
+        });
+    }
     let fatal = shared
         .fatal
         .lock()

@@ -32,7 +32,9 @@ pub struct Progress {
 impl Progress {
     /// `total_ms`: the recording's length when the container says it.
     pub fn new(total_ms: Option<u64>, uploads: bool) -> Progress {
-        let bar = std::io::stderr().is_terminal().then(|| {
+        // -q (info off) silences the bar as it does the log lines.
+        let show = std::io::stderr().is_terminal() && tracing::enabled!(tracing::Level::INFO);
+        let bar = show.then(|| {
             let bar = match total_ms {
                 Some(t) => ProgressBar::new(t),
                 None => ProgressBar::new_spinner(),

@@ -168,20 +168,28 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
         }
     }
     out.sort_by_key(|c| (c.start_ms, c.end_ms));
-    for i in 0..out.len() {
-        let next_start = out.get(i + 1).map(|n| n.start_ms);
-        let cue = &mut out[i];
-        if let Some(next) = next_start
-            && cue.end_ms > next
-        {
-            cue.end_ms = next;
+    let mut cues: Vec<Cue> = Vec::with_capacity(out.len());
+    for cue in out {
+        if let Some(prev) = cues.last_mut() {
+            // Cues that start together (segments the server timed past the audio's end, all
+            // pinned to it) become one.
+            if cue.start_ms == prev.start_ms {
+                prev.text.push('\n');
+                prev.text.push_str(&cue.text);
+                prev.end_ms = prev.end_ms.max(cue.end_ms);
+                continue;
+            }
+            prev.end_ms = prev.end_ms.min(cue.start_ms);
         }
-        // A cue has a length: players skip zero-length ones.
+        cues.push(cue);
+    }
+    // A cue has a length (players skip empty ones); the next one starts at least 1 ms later.
+    for cue in &mut cues {
         if cue.end_ms <= cue.start_ms {
             cue.end_ms = cue.start_ms + 1;
         }
     }
-    out
+    cues
 }
 
 /// Text as one paragraph: trimmed, inner blank lines removed (a blank line ends an SRT cue).
@@ -501,6 +509,42 @@ mod tests {
         assert_eq!(
             text(&items),
             "first\nsecond\n[not transcribed: bad_request]\n"
+        );
+    }
+
+    #[test]
+    fn segments_pinned_to_the_same_time_become_one_cue() {
+        let seg = |start: f64, end: f64, text: &str| Segment {
+            start,
+            end,
+            text: text.into(),
+            speaker: None,
+        };
+        let t = Text {
+            text: "a b c".into(),
+            segments: vec![
+                seg(0.5, 50.0, "a"),
+                seg(60.0, 70.0, "b"),
+                seg(80.0, 90.0, "c"),
+            ],
+            ..Text::default()
+        };
+        let items = [
+            item(0, 2_000, (300, 1_000), State::Transcribed(t)),
+            item(2_000, 1_000, (2_300, 500), said("next")),
+        ];
+        let cues = cues(&items);
+        let got: Vec<(u64, u64, &str)> = cues
+            .iter()
+            .map(|c| (c.start_ms, c.end_ms, c.text.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (500, 2_000, "a"),
+                (2_000, 2_001, "b\nc"),
+                (2_300, 2_800, "next")
+            ]
         );
     }
 

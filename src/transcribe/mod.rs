@@ -435,7 +435,8 @@ impl Queue {
 
     fn push(&self, job: Job) {
         self.lock().jobs.push_back(job);
-        self.changed.notify_one();
+        // All: a thread waiting out a backoff sleeps on the same condvar as an idle one.
+        self.changed.notify_all();
     }
 }
 
