@@ -254,7 +254,8 @@ fn run_hark(
     pace: bool,
     file_s: f64,
 ) -> Result<Vec<Line>, String> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hark"));
+    // Hermetic, like the tests: no log filter, key or proxy from the machine running the bench.
+    let mut cmd = testkit::hark();
     cmd.arg("-i").arg(wav);
     if pace {
         cmd.arg("--pace");
@@ -266,20 +267,6 @@ fn run_hark(
         "transcribe.api_key_env=\"HARK_BENCH_KEY\"".to_owned(),
     ] {
         cmd.arg("-s").arg(set);
-    }
-    // Hermetic: no log filter, key or proxy from the machine running the bench.
-    for var in [
-        "RUST_LOG",
-        "OPENAI_API_KEY",
-        "CREDENTIALS_DIRECTORY",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
     }
     cmd.env("HARK_BENCH_KEY", KEY)
         .stdin(Stdio::null())

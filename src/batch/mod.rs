@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use crate::capture::{CaptureError, SAMPLE_RATE, Source};
 use crate::cli::{Format, TranscribeArgs};
 use crate::config::Config;
-use crate::event::{DropReason, EventKind, Events};
+use crate::event::{EventKind, Events};
 use crate::pipeline::Pipeline;
 use crate::sink::SinkQueue;
 use crate::spool::{self, Entry, Spool, SpoolError};
@@ -516,15 +516,6 @@ impl Run<'_> {
             });
             let _ = self.spool.remove(entry);
             (State::Transcribed(text), false)
-        } else if meta.duration_ms < transcribe::MIN_DURATION_MS {
-            self.events.emit(EventKind::Dropped {
-                utterance: meta.utterance.clone(),
-                offset_ms: meta.offset_ms,
-                reason: DropReason::TooShort,
-                duration_ms: meta.duration_ms,
-            });
-            let _ = self.spool.remove(entry);
-            (State::Dropped, false)
         } else {
             (State::Pending, true)
         };
@@ -561,6 +552,11 @@ impl Run<'_> {
                 }
                 self.items[i].state = State::Transcribed(text);
                 self.snap.transcribed += 1;
+            }
+            Finished::TooShort { utterance } => {
+                if let Some(&i) = self.index.get(&utterance) {
+                    self.items[i].state = State::Dropped;
+                }
             }
             Finished::Failed {
                 utterance,

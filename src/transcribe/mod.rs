@@ -353,8 +353,9 @@ pub enum Finished {
         transcript: response::Transcript,
         model: String,
         endpoint: String,
-        attempts: u32,
     },
+    /// Under 0.1 s: not sent (its `dropped` event was emitted, its audio removed).
+    TooShort { utterance: String },
     /// Refused for good by every endpoint (its audio is in `failed/`, an `error` event said why).
     Failed {
         utterance: String,
@@ -771,6 +772,11 @@ impl Worker {
                 duration_ms: meta.duration_ms,
             });
             let _ = self.spool.remove(entry);
+            if let Some(on_result) = &self.on_result {
+                on_result(Finished::TooShort {
+                    utterance: meta.utterance,
+                });
+            }
             return Outcome::Done;
         }
         let mut audio = match std::fs::read(&entry.audio) {
@@ -981,7 +987,6 @@ impl Worker {
                 transcript,
                 model: ep.model.clone(),
                 endpoint: ep.shown.clone(),
-                attempts,
             });
         }
         let kept = if self.keep_audio {
