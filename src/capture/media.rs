@@ -324,15 +324,7 @@ impl MediaSource {
                         source,
                     });
                 }
-                Err(SymphoniaError::ResetRequired) => {
-                    return Err(unusable("the stream changes its format mid-way".into()));
-                }
-                Err(e) => {
-                    return Err(CaptureError::Media {
-                        path: path.to_owned(),
-                        source: e.into(),
-                    });
-                }
+                Err(e) => return Err(stream_error(path, e)),
             }
         };
         // The demuxer skips a damaged FLAC frame and resyncs on the next one, whose timestamp
@@ -378,15 +370,7 @@ impl MediaSource {
             // The packet is damaged: its data ended early or does not parse.
             Err(SymphoniaError::DecodeError(why)) => Err(Damage::Data(why)),
             Err(SymphoniaError::IoError(e)) => Err(Damage::Io(e)),
-            Err(SymphoniaError::ResetRequired) => {
-                return Err(unusable("the stream changes its format mid-way".into()));
-            }
-            Err(e) => {
-                return Err(CaptureError::Media {
-                    path: path.to_owned(),
-                    source: e.into(),
-                });
-            }
+            Err(e) => return Err(stream_error(path, e)),
         };
         let frames_timebase = dec.frames_timebase;
         if gap > 0 {
@@ -596,6 +580,20 @@ impl Source for MediaSource {
 
     fn duration_samples(&self) -> Option<u64> {
         self.duration
+    }
+}
+
+/// A demuxer or decoder error that ends the input (damaged data is handled where it occurs).
+fn stream_error(path: &str, e: SymphoniaError) -> CaptureError {
+    let source = match e {
+        SymphoniaError::ResetRequired => {
+            MediaError::Unusable("the stream changes its format mid-way".into())
+        }
+        e => e.into(),
+    };
+    CaptureError::Media {
+        path: path.to_owned(),
+        source,
     }
 }
 
