@@ -17,7 +17,7 @@
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::time::Instant;
 
-use ::alsa::pcm::{Access, Format, HwParams, PCM};
+use ::alsa::pcm::{Access, Format, Frames, HwParams, PCM};
 use ::alsa::{Direction, ValueOr};
 
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
@@ -153,9 +153,17 @@ impl Source for AlsaSource {
             let rate = hwp
                 .set_rate_near(self.rate, ValueOr::Nearest)
                 .map_err(self.err("set rate"))?;
-            let want = (rate * self.period_ms / 1000).max(16);
+            // Frames is a C long: 32 bits on armv7 and ARMv6. A period is at most a few thousand
+            // frames (200 ms at 192 kHz), but the rate comes from the device, so check.
+            let want = (u64::from(rate) * u64::from(self.period_ms) / 1000).max(16);
+            let want = Frames::try_from(want).map_err(|_| CaptureError::Unsupported {
+                device: self.device.clone(),
+                message: format!(
+                    "a {want}-frame period does not fit this platform's ALSA frame count"
+                ),
+            })?;
             let period = hwp
-                .set_period_size_near(want.into(), ValueOr::Nearest)
+                .set_period_size_near(want, ValueOr::Nearest)
                 .map_err(self.err("set period size"))?;
             hwp.set_buffer_size_near(period * 8)
                 .map_err(self.err("set buffer size"))?;

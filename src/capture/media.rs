@@ -253,7 +253,8 @@ impl MediaSource {
         let mut n = 0;
         while n < self.buf.len() {
             if self.silence > 0 {
-                let frames = ((self.buf.len() - n) / self.channels).min(self.silence as usize);
+                let silence = usize::try_from(self.silence).unwrap_or(usize::MAX);
+                let frames = ((self.buf.len() - n) / self.channels).min(silence);
                 let k = frames * self.channels;
                 self.buf[n..n + k].fill(0);
                 n += k;

@@ -533,7 +533,10 @@ impl Resample {
         let skip = self.skip.min(produced);
         self.skip -= skip;
         let mut count = produced - skip;
-        count = count.min(limit.saturating_sub(self.out_total) as usize);
+        // In u64: on 32-bit targets `as usize` would keep the low bits of `u64::MAX - out_total`,
+        // and capture would go silent once 2^32 samples (74.6 hours) had been resampled.
+        let room = usize::try_from(limit.saturating_sub(self.out_total)).unwrap_or(usize::MAX);
+        count = count.min(room);
         for (dst, &s) in self.out_i16[..count]
             .iter_mut()
             .zip(&self.output[skip..skip + count])
@@ -829,6 +832,25 @@ mod tests {
             convert_all(16_000, 2, ChannelSel::Mix, &stereo),
             vec![0, 100, 200]
         );
+    }
+
+    // See: issue 11 — on 32-bit targets the output limit was truncated to usize, and a resampled
+    // stream went silent after 2^32 output samples (74.6 hours of a 48 kHz microphone).
+    #[test]
+    fn resampling_goes_on_past_2_to_the_32_samples() {
+        let shared = Arc::new(Shared::default());
+        let (mut w, mut r) = ring(100_000, shared);
+        let mut resample = Resample::new(48_000).unwrap();
+        resample.skip = 0;
+        resample.out_total = u64::from(u32::MAX) - 10;
+        assert!(resample.push(&[1000; 48_000], &mut w));
+        let mut out = vec![0i16; 100_000];
+        let Chunk::Samples(n) = r.read(&mut out) else {
+            panic!("no output")
+        };
+        // All of a second's output but the resampler's delay (with the bug: 10 samples).
+        assert!(n > 15_000, "{n} samples out of 1 s");
+        assert_eq!(resample.out_total, u64::from(u32::MAX) - 10 + n as u64);
     }
 
     #[test]
