@@ -3,6 +3,8 @@
 //! and `systemd-tmpfiles` on a scratch root, `cargo deb` and `dpkg-deb`. scripts/deps.sh test
 //! installs them.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -212,10 +214,10 @@ fn keys(table: &toml::Table, prefix: &str, into: &mut BTreeSet<String>) {
 #[test]
 fn the_example_config_is_valid_and_sets_every_key() {
     let example = repo("contrib/hark.toml");
-    let out = run(Command::new(HARK).arg("check-config").arg(&example));
+    let out = run(common::hark_at(HARK).arg("check-config").arg(&example));
     assert!(out.status.success(), "{}", show(&out));
     let effective: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
-    let out = run(Command::new(HARK).args(["check-config", "-c", "/dev/null"]));
+    let out = run(common::hark_at(HARK).args(["check-config", "-c", "/dev/null"]));
     assert!(out.status.success(), "{}", show(&out));
     let defaults: toml::Table = toml::from_str(&text(&out.stdout)).unwrap();
     let file: toml::Table = toml::from_str(&std::fs::read_to_string(&example).unwrap()).unwrap();
@@ -229,17 +231,54 @@ fn the_example_config_is_valid_and_sets_every_key() {
     assert_eq!(effective, expected);
 }
 
+/// What the .deb is built for: the architecture these tests were compiled for (x86_64 here, or
+/// an ARM target that scripts/cross.sh runs under qemu-user), as a Rust target triple, a Debian
+/// architecture, and the ELF header's class (1: 32-bit, 2: 64-bit) and machine.
+struct DebTarget {
+    triple: &'static str,
+    arch: &'static str,
+    elf_class: u8,
+    elf_machine: u16,
+}
+
+const DEB_TARGET: DebTarget = if cfg!(target_arch = "aarch64") {
+    DebTarget {
+        triple: "aarch64-unknown-linux-gnu",
+        arch: "arm64",
+        elf_class: 2,
+        elf_machine: 183, // EM_AARCH64
+    }
+} else if cfg!(target_arch = "arm") {
+    DebTarget {
+        triple: "armv7-unknown-linux-gnueabihf",
+        arch: "armhf",
+        elf_class: 1,
+        elf_machine: 40, // EM_ARM
+    }
+} else {
+    DebTarget {
+        triple: "x86_64-unknown-linux-gnu",
+        arch: "amd64",
+        elf_class: 2,
+        elf_machine: 62, // EM_X86_64
+    }
+};
+
 /// Builds the .deb from the binary cargo built for the tests (not a release build: that would
-/// double the suite's build time). cargo-deb takes `target/release/hark` from the target
-/// directory, so a scratch one holds a copy.
+/// double the suite's build time). cargo-deb takes `target/TRIPLE/release/hark` from the target
+/// directory, so a scratch one holds a copy; `--target` makes the package's architecture that of
+/// the binary, as scripts/cross.sh does for the ARM packages.
 fn build_deb(dir: &Path) -> PathBuf {
     let target = dir.join("target");
-    std::fs::create_dir_all(target.join("release")).unwrap();
-    std::fs::copy(HARK, target.join("release/hark")).unwrap();
+    let release = target.join(DEB_TARGET.triple).join("release");
+    std::fs::create_dir_all(&release).unwrap();
+    std::fs::copy(HARK, release.join("hark")).unwrap();
     let out = run(Command::new(env!("CARGO"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("CARGO_TARGET_DIR", &target)
-        .args(["deb", "--no-build", "--fast", "--locked", "-o"])
+        .args(["deb", "--no-build", "--fast", "--locked", "--target"])
+        .arg(DEB_TARGET.triple)
+        .arg("-o")
         .arg(dir.join("out")));
     assert!(out.status.success(), "{}", show(&out));
     let debs: Vec<PathBuf> = std::fs::read_dir(dir.join("out"))
@@ -249,6 +288,18 @@ fn build_deb(dir: &Path) -> PathBuf {
         .collect();
     assert_eq!(debs.len(), 1, "{debs:?}");
     debs[0].clone()
+}
+
+/// The ELF header's class (32/64-bit) and machine of the file at `path`.
+fn elf_kind(path: &Path) -> (u8, u16) {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(
+        bytes.len() > 20 && bytes.starts_with(b"\x7fELF"),
+        "{} is no ELF file",
+        path.display()
+    );
+    assert_eq!(bytes[5], 1, "little-endian");
+    (bytes[4], u16::from_le_bytes([bytes[18], bytes[19]]))
 }
 
 /// Like the other tools the tests need, a missing cargo-deb fails the test (nothing is skipped):
@@ -336,11 +387,18 @@ fn the_deb_unpacks_to_the_expected_files() {
             "{installed}"
         );
     }
-    // The packaged binary runs and accepts the packaged config.
+    // The packaged binary is built for the package's architecture, runs, and accepts the
+    // packaged config.
     let bin = root.join("usr/bin/hark");
-    let out = run(Command::new(&bin).arg("--version"));
+    assert_eq!(
+        elf_kind(&bin),
+        (DEB_TARGET.elf_class, DEB_TARGET.elf_machine),
+        "usr/bin/hark in the {} package",
+        DEB_TARGET.arch
+    );
+    let out = run(common::hark_at(&bin).arg("--version"));
     assert!(out.status.success(), "{}", show(&out));
-    let out = run(Command::new(&bin)
+    let out = run(common::hark_at(&bin)
         .arg("check-config")
         .arg(root.join("etc/hark/hark.toml")));
     assert!(out.status.success(), "{}", show(&out));
@@ -357,6 +415,7 @@ fn the_deb_unpacks_to_the_expected_files() {
         "Package: hark",
         "Section: sound",
         "Priority: optional",
+        &format!("Architecture: {}\n", DEB_TARGET.arch),
         "libasound2",
     ] {
         assert!(fields.contains(want), "{want} in\n{fields}");
@@ -380,13 +439,50 @@ fn the_deb_unpacks_to_the_expected_files() {
         prerm.contains("deb-systemd-invoke stop hark.service"),
         "{prerm}"
     );
+
+    // See: issue 11 — the armhf package holds an ARMv7 binary, which a Pi Zero or Pi 1 (ARMv6)
+    // cannot run: preinst refuses to install it there. `uname -m` is the kernel's word for the
+    // CPU; a script on PATH stands in for it to play each board.
+    let bin_dir = dir.path().join("uname-bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let preinst = control.join("preinst");
+    for (arch, machine, accepted) in [
+        ("armhf", "armv6l", false),
+        ("armhf", "armv7l", true),
+        ("armhf", "aarch64", true),
+        ("arm64", "aarch64", true),
+        ("amd64", "x86_64", true),
+    ] {
+        let uname = bin_dir.join("uname");
+        std::fs::write(&uname, format!("#!/bin/sh\necho {machine}\n")).unwrap();
+        std::fs::set_permissions(&uname, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+        let out = run(Command::new("sh")
+            .arg(&preinst)
+            .arg("install")
+            .env("PATH", path)
+            .env("DPKG_MAINTSCRIPT_ARCH", arch));
+        assert_eq!(
+            out.status.success(),
+            accepted,
+            "{arch} on {machine}: {}",
+            show(&out)
+        );
+        if !accepted {
+            assert!(
+                text(&out.stderr).contains("needs an ARMv7 CPU or later, and this one is armv6l"),
+                "{}",
+                show(&out)
+            );
+        }
+    }
 }
 
 #[test]
 fn help_names_every_option_of_the_design() {
     // `hark --help` stands in for a man page: every option, the files, signals and exit codes.
     let help = |args: &[&str]| {
-        let out = run(Command::new(HARK).args(args));
+        let out = run(common::hark_at(HARK).args(args));
         assert!(out.status.success(), "{}", show(&out));
         text(&out.stdout)
     };

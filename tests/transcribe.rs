@@ -542,7 +542,7 @@ fn jsonl_to_a_reader_that_goes_away_ends_with_an_error_instead_of_hanging() {
     let (wav, _) = recording(dir.path(), &SENTENCES[1..4], "three.wav");
     let server = Server::start(None, |_, _| Reply::Json(200, r#"{"text":"ok"}"#.into()));
     let script = format!(
-        "{{ \"$HARK\" transcribe \"$WAV\" -f jsonl --cache-dir \"$CACHE\" \
+        "{{ $RUNNER \"$HARK\" transcribe \"$WAV\" -f jsonl --cache-dir \"$CACHE\" \
          -s 'transcribe.endpoint=\"{}\"' -s 'transcribe.api_key_env=\"HARK_TEST_KEY\"'; \
          echo \"hark exit $?\" >&2; }} | head -1 >/dev/null",
         server.url()
@@ -551,6 +551,10 @@ fn jsonl_to_a_reader_that_goes_away_ends_with_an_error_instead_of_hanging() {
         .arg("-c")
         .arg(&script)
         .env("HARK", env!("CARGO_BIN_EXE_hark"))
+        .env(
+            "RUNNER",
+            std::env::var(common::RUNNER_VAR).unwrap_or_default(),
+        )
         .env("WAV", &wav)
         .env("CACHE", dir.path().join("cache"))
         .env("HARK_TEST_KEY", KEY)
