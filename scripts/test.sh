@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit and integration tests (real ALSA file plugin,
-# espeak-ng speech, opus-tools checks).
+# The whole test suite: on this machine formatting, lints, unit and integration tests (real ALSA
+# file plugin, espeak-ng speech, opus-tools checks, mosquitto, a TLS server on loopback); then for
+# aarch64 and armv7 the release build, the same unit and integration tests under qemu-user, the
+# .deb and a comparison of the events with this machine's, and for ARMv6 the C parts
+# (scripts/cross.sh).
+#
+#   scripts/test.sh          all of it
+#   scripts/test.sh host     this machine's part only
+#   scripts/test.sh cross    the ARM part only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/deps.sh test
-cargo fmt --all -- --check
-cargo clippy --all-targets --quiet -- -D warnings
-cargo test 2>&1
+part="${1:-all}"
+case "$part" in all | host | cross) ;; *)
+    echo "usage: scripts/test.sh [all|host|cross]" >&2
+    exit 2
+    ;;
+esac
+if [ "$part" != cross ]; then
+    scripts/deps.sh test
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --quiet -- -D warnings
+    cargo test --locked 2>&1
+fi
+if [ "$part" != host ]; then
+    for target in aarch64 armv7 armv6; do
+        scripts/cross.sh "$target"
+    done
+fi
