@@ -99,29 +99,39 @@ if [ "$triple" != arm-unknown-linux-gnueabihf ] &&
         exit 1
     fi
     root="$PWD/target/cross-rust/$version"
-    if [ ! -e "$root/ok-$arch" ]; then
+    if [ ! -e "$root/ok-$arch" ] || [ ! -x "$root/rustdoc" ]; then
         # The package names carry the Rust and LLVM versions: read them off the dependencies.
         std="$(apt-cache show "libstd-rust-web-dev=$version" | sed -n 's/^Depends: .*\(libstd-rust-web-[0-9.]*\) .*/\1/p' | head -1)"
         llvm="$(apt-cache show "$std=$version" | grep '^Depends:' | grep -o 'libllvm[0-9]*' | head -1)"
         echo "unpacking Debian's rustc $version ($std, $llvm) and its $arch standard library" \
             "into $root" >&2
         debs="$(mktemp -d)"
-        (cd "$debs" && apt-get download -q=2 "rustc-web=$version" "libstd-rust-web-dev=$version" \
-            "$std=$version" "$llvm" "libstd-rust-web-dev:$arch=$version" "$std:$arch=$version" \
-            2>&1 | grep -v '^W: Download is performed unsandboxed' || true)
-        ls "$debs"/*.deb >/dev/null
+        # (apt-get download warns that it runs unsandboxed when root; that is harmless.)
+        if ! (cd "$debs" && apt-get download -q=2 "rustc-web=$version" \
+            "libstd-rust-web-dev=$version" "$std=$version" "$llvm" \
+            "libstd-rust-web-dev:$arch=$version" "$std:$arch=$version" 2>"$debs/log"); then
+            cat "$debs/log" >&2
+            echo "cannot download Debian's Rust $version for $arch" >&2
+            exit 1
+        fi
         mkdir -p "$root"
         for f in "$debs"/*.deb; do dpkg-deb -x "$f" "$root"; done
         rm -rf "$debs"
-        cat >"$root/rustc" <<EOF
+        for tool in rustc rustdoc; do
+            cat >"$root/$tool" <<EOF
 #!/bin/sh
-LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$root/usr/bin/rustc" "\$@"
+LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" exec "$root/usr/bin/$tool" "\$@"
 EOF
-        chmod +x "$root/rustc"
-        "$root/rustc" --print target-libdir --target "$triple" >/dev/null
+            chmod +x "$root/$tool"
+        done
+        if ! ls "$("$root/rustc" --print target-libdir --target "$triple")"/libstd-*.rlib >/dev/null; then
+            echo "Debian's Rust $version has no standard library for $triple" >&2
+            exit 1
+        fi
         touch "$root/ok-$arch"
     fi
-    export RUSTC="$root/rustc"
+    # rustdoc too: the doc tests are compiled for the target.
+    export RUSTC="$root/rustc" RUSTDOC="$root/rustdoc"
 fi
 
 # --- The target's tools, for cargo, cc, cmake and pkg-config -----------------------------------
