@@ -66,25 +66,13 @@ done
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
 
 # --- Debian packages -------------------------------------------------------------------------
-scripts/deps.sh test
 if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
     echo "adding the $arch architecture to dpkg" >&2
     $sudo dpkg --add-architecture "$arch"
-    $sudo apt-get update -qq
 fi
-want=("gcc-$gnu" "libc6-dev-$arch-cross" "libasound2-dev:$arch" qemu-user-static file)
-missing=()
-for p in "${want[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing: ${missing[*]}" >&2
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+scripts/deps.sh test "gcc-$gnu" "libc6-dev-$arch-cross" "libasound2-dev:$arch" qemu-user-static file
 
 # --- Rust for TARGET ---------------------------------------------------------------------------
 # The toolchain on PATH when it has TARGET's standard library (rustup target add), else Debian's.
@@ -223,6 +211,7 @@ deb="target/$triple/debian/hark_${version}-1_$arch.deb"
 
 for step in "${steps[@]}"; do
     echo "== scripts/cross.sh $triple $step ($("${RUSTC:-rustc}" --version))" >&2
+    started=$SECONDS
     case "$step" in
     build)
         cargo build --release --locked --target "$triple"
@@ -232,7 +221,10 @@ for step in "${steps[@]}"; do
         cargo test --locked --target "$triple" 2>&1
         ;;
     deb)
-        cargo deb --locked --target "$triple"
+        # cargo deb's own build sets PKG_CONFIG_PATH_<target>, which makes cargo build everything
+        # again; the binary of the build step (built now if it is not there) is the same.
+        cargo build --release --locked --target "$triple"
+        cargo deb --locked --no-build --target "$triple"
         got="$(dpkg-deb -f "$deb" Architecture)"
         [ "$got" = "$arch" ] || { echo "$deb: Architecture $got, not $arch" >&2; exit 1; }
         tmp="$(mktemp -d)"
@@ -255,4 +247,5 @@ for step in "${steps[@]}"; do
         armv6_c
         ;;
     esac
+    echo "== $triple $step: done in $((SECONDS - started)) s" >&2
 done

@@ -6,8 +6,11 @@
 #   scripts/deps.sh test    the build and deb sets plus espeak-ng, sox, opus-tools, lame,
 #                           mosquitto, mosquitto-clients and systemd (systemd-analyze; for the
 #                           tests)
+#   scripts/deps.sh SET PACKAGE...
+#                           the set, plus the packages named (scripts/cross.sh: the cross gcc,
+#                           libasound2-dev:ARCH, qemu-user-static)
 set -euo pipefail
-want=(libasound2-dev pkg-config cmake make gcc)
+want=(libasound2-dev pkg-config cmake make gcc "${@:2}")
 if [ "${1:-build}" = deb ] || [ "${1:-build}" = test ]; then
   want+=(dpkg-dev)
 fi

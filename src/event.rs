@@ -1,7 +1,7 @@
 //! The one event type hark emits, serialized once and fanned out to every sink.
 //!
 //! Every event is a JSON object on one line with `v`, `type`, `device`, `seq` and `time`, followed by
-//! the fields of its type (shared/DESIGN.md, "Events"). This module does not know where events go: it
+//! the fields of its type (the README's "Events" section). This module does not know where events go: it
 //! hands the same bytes to each sink's bounded queue and never waits for a sink.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

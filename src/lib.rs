@@ -1,7 +1,7 @@
 //! hark: a voice-capture daemon. Microphone (ALSA), file or stdin → lock-free ring → WebRTC VAD and
 //! segmenter → streaming Ogg/Opus utterances in a durable spool → JSON events on the sinks.
 //!
-//! See shared/DESIGN.md for the architecture. The binary's `main` is thin: parsing in [`cli`],
+//! The README describes the architecture and every command, key and event. The binary's `main` is thin: parsing in [`cli`],
 //! work in [`daemon`], exit decisions in `main` alone.
 //!
 //! ```no_run

@@ -2,7 +2,8 @@
 //! another attempt, how long to wait before it, and when an endpoint has rejected the audio format.
 //!
 //! Nothing here sleeps or touches the network; the uploader asks and acts. Sources: openai-python
-//! `_base_client.py` (`_should_retry`, `_calculate_retry_timeout`) and shared/API.md.
+//! `_base_client.py` (`_should_retry`, `_calculate_retry_timeout`); the README's "Transcription"
+//! section says what hark retries.
 
 use std::time::{Duration, SystemTime};
 
