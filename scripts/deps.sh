@@ -10,6 +10,11 @@
 #                           the set, plus the packages named (scripts/cross.sh: the cross gcc,
 #                           libasound2-dev:ARCH, qemu-user-static)
 set -euo pipefail
+case "${1:-build}" in build | deb | test) ;; *)
+    echo "usage: scripts/deps.sh build|deb|test [PACKAGE...]" >&2
+    exit 2
+    ;;
+esac
 want=(libasound2-dev pkg-config cmake make gcc "${@:2}")
 if [ "${1:-build}" = deb ] || [ "${1:-build}" = test ]; then
   want+=(dpkg-dev)

@@ -153,8 +153,8 @@ impl Source for AlsaSource {
             let rate = hwp
                 .set_rate_near(self.rate, ValueOr::Nearest)
                 .map_err(self.err("set rate"))?;
-            // Frames is a C long: 32 bits on armv7 and ARMv6. A period is at most a few thousand
-            // frames (200 ms at 192 kHz), but the rate comes from the device, so check.
+            // Frames is a C long: 32 bits on armv7 and ARMv6. A period is at most 38,400 frames
+            // (200 ms at 192 kHz), but the rate comes from the device, so check.
             let want = (u64::from(rate) * u64::from(self.period_ms) / 1000).max(16);
             let want = Frames::try_from(want).map_err(|_| CaptureError::Unsupported {
                 device: self.device.clone(),

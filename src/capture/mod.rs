@@ -848,7 +848,7 @@ mod tests {
         let Chunk::Samples(n) = r.read(&mut out) else {
             panic!("no output")
         };
-        // All of a second's output but the resampler's delay (with the bug: 10 samples).
+        // About a second's output (the first chunks give a little less; with the bug: 10 samples).
         assert!(n > 15_000, "{n} samples out of 1 s");
         assert_eq!(resample.out_total, u64::from(u32::MAX) - 10 + n as u64);
     }
