@@ -130,15 +130,11 @@ fn ready_status_watchdog_while_fed_none_while_stdin_stalls_then_stopping() {
     );
 
     // Stalled: capture blocks in its read of the open pipe. Once the stall is detectable (two
-    // checks, 200 ms; 1 s allowed), no ping comes for 10 intervals.
+    // checks, 200 ms; 1 s allowed for pings already on their way), no ping comes for 10
+    // intervals. (No assertion on when the settling pings arrived: under qemu on a loaded
+    // machine the test thread itself can be late by that much.)
     on.store(false, Ordering::Relaxed);
-    let settle = collect(&rx, 5 * INTERVAL);
-    assert!(
-        settle
-            .last()
-            .is_none_or(|(t, _)| t.elapsed() < 5 * INTERVAL),
-        "bounded"
-    );
+    collect(&rx, 5 * INTERVAL);
     let stalled = collect(&rx, 10 * INTERVAL);
     assert_eq!(
         watchdogs(&stalled),
