@@ -20,8 +20,8 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use hark::cli::RunArgs;
+use hark::codec::{EncodeSettings, OggOpusWriter};
 use hark::config::Config;
-use hark::encode::{EncodeSettings, OggOpusWriter};
 use hark::vad::{self, Vad};
 
 const RATE: usize = 16_000;

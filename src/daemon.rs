@@ -16,7 +16,7 @@ use crate::capture::{CaptureError, SAMPLE_RATE, Shared, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, Source as SourceKind};
 
-use crate::encode::EncodeSettings;
+use crate::codec::EncodeSettings;
 use crate::event::{EventKind, Events, State};
 use crate::notify::{self, Beat};
 use crate::pipeline::{DspConfig, DspUpdate, Pipeline, Summary};
@@ -24,7 +24,7 @@ use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
 use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 use crate::spool::{Spool, SpoolError};
-use crate::transcribe::{self, OnState, Patience, Report, Setup, SetupError, Uploader};
+use crate::upload::{self, OnState, Patience, Report, Setup, SetupError, Uploader};
 use crate::vad::segmenter::Settings;
 
 /// Errors that end a command. Each maps to an exit code in `main`.
@@ -60,7 +60,7 @@ pub enum DaemonError {
     Socket(#[from] socket::SocketError),
     /// `hark transcribe` did not finish its job: its own exit code.
     #[error(transparent)]
-    Batch(crate::batch::BatchError),
+    Batch(crate::cmd::transcribe::BatchError),
     /// A thread or the signal handler could not be started: exit 1.
     #[error("cannot start {what}: {source}")]
     Start {
@@ -355,10 +355,10 @@ impl Drop for SignalThread {
     }
 }
 
-fn upload_start(e: transcribe::StartError) -> DaemonError {
+fn upload_start(e: upload::StartError) -> DaemonError {
     match e {
-        transcribe::StartError::Spool(e) => DaemonError::Spool(e),
-        transcribe::StartError::Thread(source) => DaemonError::Start {
+        upload::StartError::Spool(e) => DaemonError::Spool(e),
+        upload::StartError::Thread(source) => DaemonError::Start {
             what: "the upload thread",
             source,
         },
@@ -372,7 +372,7 @@ fn transcription(config: &Config, args: &RunArgs) -> Result<Option<Setup>, Daemo
     }
     let setup = Setup::from_config(&config.transcribe)?;
     if setup.is_none() {
-        tracing::warn!("{}", transcribe::no_key_hint(&config.transcribe));
+        tracing::warn!("{}", upload::no_key_hint(&config.transcribe));
     }
     Ok(setup)
 }
@@ -413,7 +413,7 @@ pub fn run_with_reload(
                     setup,
                     spool.clone(),
                     events.clone(),
-                    transcribe::Options {
+                    upload::Options {
                         patience: Patience::Forever,
                         keep_audio: config.spool.keep_audio,
                         workers: 1,
@@ -649,7 +649,7 @@ fn reconfigure(
                     true
                 }
                 Ok(None) => {
-                    let why = transcribe::no_key_hint(&now.transcribe);
+                    let why = upload::no_key_hint(&now.transcribe);
                     tracing::error!("SIGHUP: {why}; the running [transcribe] stays");
                     false
                 }
@@ -748,7 +748,7 @@ pub fn upload(config: &Config) -> Result<Report, DaemonError> {
         setup,
         spool.clone(),
         events.clone(),
-        transcribe::Options {
+        upload::Options {
             patience: Patience::GiveUp,
             keep_audio: config.spool.keep_audio,
             workers: 1,

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::sink::SinkQueue;
-use crate::transcribe::response::{Segment, Word};
+use crate::upload::response::{Segment, Word};
 
 /// Why an utterance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]

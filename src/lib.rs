@@ -12,17 +12,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod batch;
 pub mod capture;
 pub mod cli;
+pub mod cmd;
+pub mod codec;
 pub mod config;
 pub mod daemon;
-pub mod encode;
 pub mod event;
 pub mod notify;
 pub mod pipeline;
 pub mod sink;
 pub mod spool;
 pub mod tls;
-pub mod transcribe;
+pub mod upload;
 pub mod vad;

@@ -37,7 +37,7 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
         }
         Some(Command::Transcribe(args)) => {
             let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
-            hark::batch::run(&config, &args)
+            hark::cmd::transcribe::run(&config, &args)
                 .map(|_| ())
                 .map_err(DaemonError::Batch)
         }

@@ -11,10 +11,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::capture::{self, CaptureHandle, Chunk, RingReader, SAMPLE_RATE, Shared, Source};
-use crate::encode::{EncodeSettings, OggOpusWriter};
+use crate::codec::{EncodeSettings, OggOpusWriter};
 use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
 use crate::spool::{Part, Spool, UtteranceMeta};
-use crate::transcribe::Submitter;
+use crate::upload::Submitter;
 use crate::vad::segmenter::{Closed, Segmenter, Settings};
 use crate::vad::{self, Vad};
 

@@ -121,11 +121,11 @@ fn capture_periods_do_not_allocate() {
     );
 
     // The same as Ogg/Opus (hark's writer, 16 kHz mono): decoded whole when opened.
-    let settings = hark::encode::EncodeSettings {
+    let settings = hark::codec::EncodeSettings {
         bitrate: 24_000,
         complexity: 5,
     };
-    let mut w = hark::encode::OggOpusWriter::new(Vec::new(), &settings, "t", &[], 1).unwrap();
+    let mut w = hark::codec::OggOpusWriter::new(Vec::new(), &settings, "t", &[], 1).unwrap();
     w.write(&tone[..32_000]).unwrap();
     let ogg = dir.path().join("tone.opus");
     std::fs::write(&ogg, w.finish().unwrap().0).unwrap();

@@ -41,7 +41,7 @@ fn recording(dir: &Path, sentences: &[&str], name: &str) -> (PathBuf, Vec<(u64, 
 /// How long the Ogg/Opus file a request carries plays, in ms.
 fn audio_ms(req: &Request) -> u64 {
     let part = req.part("file").expect("a file part");
-    let pcm = hark::encode::decode::decode_ogg_opus(&part.data).expect("a valid Ogg/Opus upload");
+    let pcm = hark::codec::decode::decode_ogg_opus(&part.data).expect("a valid Ogg/Opus upload");
     pcm.len() as u64 * 1000 / u64::from(RATE)
 }
 

@@ -502,11 +502,11 @@ mod tests {
         // SAFETY: mkfifo(3) on a NUL-terminated path we own.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // Ogg/Opus from hark's own writer, 0.5 s.
-        let settings = crate::encode::EncodeSettings {
+        let settings = crate::codec::EncodeSettings {
             bitrate: 24_000,
             complexity: 5,
         };
-        let mut w = crate::encode::OggOpusWriter::new(Vec::new(), &settings, "t", &[], 1).unwrap();
+        let mut w = crate::codec::OggOpusWriter::new(Vec::new(), &settings, "t", &[], 1).unwrap();
         w.write(&[100i16; 8000]).unwrap();
         let (bytes, _) = w.finish().unwrap();
         let path = fifo.clone();

@@ -14,7 +14,7 @@
 //!   an error naming the file rather than a mistimed stream, and so is a FLAC file that ends
 //!   before the frame count in its header (after its audio, like a truncated WAV).
 //! - Ogg/Opus is decoded whole when the file is opened, by
-//!   [`decode_ogg_opus`](crate::encode::decode::decode_ogg_opus), which yields 16 kHz mono (so the
+//!   [`decode_ogg_opus`](crate::codec::decode::decode_ogg_opus), which yields 16 kHz mono (so the
 //!   converter does not resample, and `capture.channel` can only be 0 or mix). The samples are held
 //!   in memory: 32 KB per second of audio, at most 4 hours (460 MB). An Ogg file that is not Opus
 //!   (Vorbis, FLAC in Ogg) gets that decoder's error.
@@ -38,8 +38,8 @@ use symphonia::core::meta::MetadataOptions;
 
 use super::file::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
+use crate::codec::decode::{DecodeError, decode_ogg_opus};
 use crate::config::ChannelSel;
-use crate::encode::decode::{DecodeError, decode_ogg_opus};
 
 /// The compressed formats [`MediaSource`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -606,7 +606,7 @@ mod tests {
     use super::*;
     use crate::capture::file::open_input;
     use crate::capture::{Chunk, Shared, ring};
-    use crate::encode::{EncodeSettings, OggOpusWriter};
+    use crate::codec::{EncodeSettings, OggOpusWriter};
 
     /// A FLAC file with verbatim (uncompressed) subframes of 16-bit samples, `block` frames each:
     /// small to write, and exact. `declared` is the frame count written into STREAMINFO.

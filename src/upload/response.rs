@@ -6,7 +6,7 @@
 //!
 //! Deliberately not here: reading the HTTP response or enforcing [`MAX_BODY`] (the caller does
 //! that while reading), deciding whether to retry, reading a `text/event-stream` body (that is
-//! `crate::transcribe::sse`, which reuses the helpers below; [`parse_body`] only hands it an
+//! `crate::upload::sse`, which reuses the helpers below; [`parse_body`] only hands it an
 //! event-stream body a server sent unasked), and validating the content: cue and
 //! segment timings are taken as sent (not sorted, not checked for overlap), and no text
 //! normalisation is done beyond trimming, tag stripping in cues and joining cue lines.
@@ -86,7 +86,7 @@ enum BodyKind {
 /// `+json` types → JSON; `text/plain`, `text/srt`, `application/x-subrip`, `text/vtt` → text;
 /// missing or anything else → sniff: first non-whitespace character `{` → JSON, else text), not
 /// from `requested`; a `text/event-stream` body (a server that streamed unasked) is read whole
-/// with `crate::transcribe::sse::Stream`. `requested` only says how to read a text body:
+/// with `crate::upload::sse::Stream`. `requested` only says how to read a text body:
 /// `Srt`/`Vtt` → cues become segments and the text is the cue texts joined by a space; anything
 /// else → the trimmed body.
 pub fn parse_body(
@@ -289,14 +289,14 @@ fn is_event_stream(content_type: &str) -> bool {
 
 /// A server that streamed although hark did not ask it to: read the whole body as a stream.
 fn parse_event_stream(body: &[u8]) -> Result<Transcript, BadBody> {
-    let mut stream = crate::transcribe::sse::Stream::new();
+    let mut stream = crate::upload::sse::Stream::new();
     let result = stream.feed(body, &mut |_| {});
     result.and_then(|()| stream.finish()).map_err(|e| match e {
-        crate::transcribe::sse::StreamError::Api(err) => BadBody(format!(
+        crate::upload::sse::StreamError::Api(err) => BadBody(format!(
             "server sent an error in a successful response: {}",
             err.message
         )),
-        crate::transcribe::sse::StreamError::Bad(msg) => BadBody(msg),
+        crate::upload::sse::StreamError::Bad(msg) => BadBody(msg),
     })
 }
 

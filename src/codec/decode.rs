@@ -546,9 +546,9 @@ impl Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::ogg::OggPageWriter;
-    use crate::encode::ogg::tests::parse;
-    use crate::encode::opus::{EncodeSettings, OggOpusWriter};
+    use crate::codec::ogg::OggPageWriter;
+    use crate::codec::ogg::tests::parse;
+    use crate::codec::opus::{EncodeSettings, OggOpusWriter};
     use std::ops::Range;
     use std::process::Command;
 

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 
+use crate::codec::decode;
 use crate::config::{Chunking, ResponseFormat, TranscribeConfig};
-use crate::encode::decode;
 use crate::event::{DropReason, EventKind, Events, Stage};
 use crate::spool::{self, Entry, Spool};
 use client::{Client, Endpoint, Fields, Secret, Upload};

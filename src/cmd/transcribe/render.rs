@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::event::EndReason;
 use crate::spool::UtteranceMeta;
-use crate::transcribe::response::{Segment, Word};
+use crate::upload::response::{Segment, Word};
 
 /// One utterance of the recording and what became of it.
 #[derive(Debug, Clone)]

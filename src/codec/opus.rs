@@ -199,7 +199,7 @@ fn push_string(buf: &mut Vec<u8>, parts: &[&str]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode::ogg::tests::parse;
+    use crate::codec::ogg::tests::parse;
     use std::cell::RefCell;
     use std::process::Command;
     use std::rc::Rc;
@@ -242,7 +242,7 @@ mod tests {
         pcm: Vec<i16>,
         pre_skip: u64,
         audio_packets: usize,
-        pages: Vec<crate::encode::ogg::tests::Page>,
+        pages: Vec<crate::codec::ogg::tests::Page>,
     }
 
     /// Parses and checks the stream, decodes at 16 kHz, drops the pre-skip

@@ -30,7 +30,7 @@ use crate::event::{EventKind, Events};
 use crate::pipeline::Pipeline;
 use crate::sink::SinkQueue;
 use crate::spool::{self, Entry, Spool, SpoolError};
-use crate::transcribe::{self, Finished, Patience, Setup, SetupError, Submitter, Uploader};
+use crate::upload::{self, Finished, Patience, Setup, SetupError, Submitter, Uploader};
 use cache::Cache;
 use progress::{Progress, Snapshot};
 use render::{Counts, Item, State, Text};
@@ -152,9 +152,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
         match Setup::from_config(&config.transcribe)? {
             Some(setup) => Some(setup),
             None => {
-                return Err(BatchError::NoKey(transcribe::no_key_hint(
-                    &config.transcribe,
-                )));
+                return Err(BatchError::NoKey(upload::no_key_hint(&config.transcribe)));
             }
         }
     };
@@ -261,14 +259,14 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
                 );
             }
             let results = tx.clone();
-            let on_result: transcribe::OnResult = Arc::new(move |f| {
+            let on_result: upload::OnResult = Arc::new(move |f| {
                 let _ = results.send(Msg::Result(f));
             });
             let uploader = Uploader::start(
                 setup,
                 spool.clone(),
                 events.clone(),
-                transcribe::Options {
+                upload::Options {
                     patience: Patience::GiveUp,
                     keep_audio: config.spool.keep_audio,
                     workers: usize::from(args.jobs),
@@ -278,8 +276,8 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, BatchError>
                 (tx.clone(), Msg::UploadsDone),
             )
             .map_err(|e| match e {
-                transcribe::StartError::Spool(e) => BatchError::Spool(e),
-                transcribe::StartError::Thread(source) => BatchError::Start {
+                upload::StartError::Spool(e) => BatchError::Spool(e),
+                upload::StartError::Thread(source) => BatchError::Start {
                     what: "the upload threads",
                     source,
                 },
