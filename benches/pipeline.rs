@@ -259,7 +259,7 @@ fn pipeline_once(config: &Config, spool: &Path) -> Result<(u64, u64), String> {
         record_only: true,
         ..Default::default()
     };
-    let summary = hark::daemon::run(config, &args).map_err(|e| format!("daemon::run: {e}"))?;
+    let summary = hark::cmd::run::run(config, &args).map_err(|e| format!("cmd::run::run: {e}"))?;
     if summary.samples != (SECONDS * RATE) as u64 {
         return Err(format!(
             "the pipeline read {} samples, not {}",

@@ -2,12 +2,12 @@
 //! segmenter → streaming Ogg/Opus utterances in a durable spool → JSON events on the sinks.
 //!
 //! The README describes the architecture and every command, key and event. The binary's `main` is thin: parsing in [`cli`],
-//! work in [`daemon`], exit decisions in `main` alone.
+//! each command in [`cmd`], exit decisions in `main` alone.
 //!
 //! ```no_run
-//! use hark::{cli::RunArgs, config::Config, daemon};
+//! use hark::{cli::RunArgs, cmd, config::Config};
 //! let config = Config::load(None, &["capture.source=\"file\"".into(), "capture.file=\"in.wav\"".into()])?;
-//! let summary = daemon::run(&config, &RunArgs::default())?;
+//! let summary = cmd::run::run(&config, &RunArgs::default())?;
 //! println!("{} utterances", summary.utterances);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -17,10 +17,11 @@ pub mod cli;
 pub mod cmd;
 pub mod codec;
 pub mod config;
-pub mod daemon;
 pub mod event;
+pub mod health;
 pub mod notify;
 pub mod pipeline;
+pub mod session;
 pub mod sink;
 pub mod spool;
 pub mod tls;

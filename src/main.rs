@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use hark::cli::{Cli, Command};
+use hark::cmd;
 use hark::config::Config;
-use hark::daemon::{self, DaemonError};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -26,28 +26,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), DaemonError> {
+fn run(cli: Cli) -> Result<(), cmd::Error> {
     let global = cli.global;
+    let load = || Config::load(global.config_path(None).as_deref(), &global.set);
     match cli.command {
         Some(Command::CheckConfig { file }) => {
             let path = global.config_path(file);
-            let config = Config::load(path.as_deref(), &global.set)?;
-            print!("{}", config.to_redacted_toml());
-            Ok(())
+            print!("{}", cmd::check_config::run(path.as_deref(), &global.set)?);
         }
         Some(Command::Transcribe(args)) => {
-            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
-            hark::cmd::transcribe::run(&config, &args)
-                .map(|_| ())
-                .map_err(DaemonError::Batch)
+            cmd::transcribe::run(&load()?, &args)?;
         }
         Some(Command::Upload) => {
-            let config = Config::load(global.config_path(None).as_deref(), &global.set)?;
-            daemon::upload(&config).map(|_| ())
+            cmd::upload::run(&load()?)?;
         }
         Some(Command::Devices { device }) => {
-            print!("{}", daemon::devices(device.as_deref())?);
-            Ok(())
+            print!("{}", cmd::devices::run(device.as_deref())?);
         }
         command => {
             let args = match command {
@@ -55,14 +49,15 @@ fn run(cli: Cli) -> Result<(), DaemonError> {
                 _ => cli.run,
             };
             let mut overrides = global.set.clone();
-            overrides.extend(daemon::run_overrides(&args));
+            overrides.extend(cmd::run::overrides(&args));
             let path = global.config_path(None);
             let config = Config::load(path.as_deref(), &overrides)?;
-            let reload: daemon::Reload =
+            let reload: cmd::run::Reload =
                 Box::new(move || Config::load(path.as_deref(), &overrides));
-            daemon::run_with_reload(&config, &args, Some(reload)).map(|_| ())
+            cmd::run::run_with_reload(&config, &args, Some(reload))?;
         }
     }
+    Ok(())
 }
 
 /// Logs go to stderr; RUST_LOG wins over -v/-q.

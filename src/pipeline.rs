@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::capture::{self, CaptureHandle, Chunk, RingReader, SAMPLE_RATE, Shared, Source};
 use crate::codec::{EncodeSettings, OggOpusWriter};
+use crate::config::Config;
 use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
 use crate::spool::{Part, Spool, UtteranceMeta};
 use crate::upload::Submitter;
@@ -30,6 +31,48 @@ pub struct DspConfig {
     pub uploads: Option<Submitter>,
     /// Whether `speech_end` names the audio file (it is kept: record-only or `spool.keep_audio`).
     pub announce_audio: bool,
+}
+
+impl DspConfig {
+    /// The dsp settings of `config`, for a source described as `source`; utterances are not
+    /// handed on for upload until `uploads` is set.
+    pub fn from_config(config: &Config, source: String) -> DspConfig {
+        let v = &config.vad;
+        DspConfig {
+            segmenter: Settings::from_ms(
+                v.frame_ms,
+                v.start_ms,
+                v.silence_ms,
+                v.pre_roll_ms,
+                v.min_utterance_ms,
+                v.max_utterance_ms,
+                v.min_level_dbfs,
+            ),
+            vad_mode: v.mode.min(3) as u8,
+            encode: EncodeSettings {
+                bitrate: config.encode.bitrate as i32,
+                complexity: config.encode.complexity as i32,
+            },
+            source,
+            uploads: None,
+            announce_audio: true,
+        }
+    }
+
+    /// The part a reloaded config may change while running.
+    pub fn update(&self) -> DspUpdate {
+        DspUpdate {
+            segmenter: self.segmenter,
+            vad_mode: self.vad_mode,
+            encode: self.encode,
+        }
+    }
+}
+
+/// The ring between capture and dsp, in samples, for `capture.ring_ms`.
+pub fn ring_samples(config: &Config) -> usize {
+    let samples = u64::from(config.capture.ring_ms) * u64::from(SAMPLE_RATE) / 1000;
+    usize::try_from(samples).unwrap_or(usize::MAX).max(1)
 }
 
 /// New dsp settings from a reloaded config (SIGHUP). Applied between utterances, so an utterance
@@ -111,8 +154,11 @@ impl Pipeline {
         let _ = self.updates.send(update);
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// A handle that reads the pipeline's state from any thread (status, systemd, progress).
+    pub fn probe(&self) -> Probe {
+        Probe {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Wait for both threads; returns what the dsp thread did.
@@ -137,6 +183,62 @@ impl Drop for Pipeline {
             self.stop();
             self.finish();
         }
+    }
+}
+
+/// Reads the state of a running (or ended) pipeline; cheap to clone, safe from any thread.
+#[derive(Clone)]
+pub struct Probe {
+    shared: Arc<Shared>,
+}
+
+/// The pipeline's state at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineHealth {
+    /// The source is open, or its first open failed (systemd's READY=1 waits for this).
+    pub started: bool,
+    /// The source is open and delivering (false while a device is being reopened).
+    pub capturing: bool,
+    /// The input ended (end of file): capture will push no more samples.
+    pub finished: bool,
+    /// The dsp thread ended.
+    pub dsp_ended: bool,
+    /// Overruns so far (ring full, device xruns), each one a gap.
+    pub overruns: u64,
+    /// Utterances kept so far.
+    pub utterances: u64,
+    /// How far (in samples at 16 kHz) the dsp thread has judged the stream.
+    pub position: u64,
+    /// Bumped for each capture period that moved the stream, and while a lost device is awaited.
+    pub capture_beats: u64,
+    /// Bumped for each pass of the dsp thread's loop.
+    pub dsp_beats: u64,
+}
+
+impl Probe {
+    pub fn health(&self) -> PipelineHealth {
+        let s = &self.shared;
+        PipelineHealth {
+            started: s.started.load(Ordering::Acquire),
+            capturing: s.capturing.load(Ordering::Acquire),
+            finished: s.finished.load(Ordering::Acquire),
+            dsp_ended: s.consumer_gone.load(Ordering::Acquire),
+            overruns: s.overruns.load(Ordering::Relaxed),
+            utterances: s.utterances.load(Ordering::Relaxed),
+            position: s.position.load(Ordering::Relaxed),
+            capture_beats: s.capture_beats.load(Ordering::Relaxed),
+            dsp_beats: s.dsp_beats.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The capture error that ended the input for good (an unreadable or truncated file), taken
+    /// once for the exit status.
+    pub fn take_fatal(&self) -> Option<capture::CaptureError> {
+        self.shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
