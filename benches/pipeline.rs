@@ -6,7 +6,7 @@
 //!
 //! - (a) VAD alone: `Vad::is_voice` and `vad::energy` over every 20 ms frame;
 //! - (b) Opus+Ogg encoding alone of exactly the spans the pipeline kept as utterances;
-//! - (c) the whole pipeline, file → ring → VAD → encoder → spool on tmpfs, via `daemon::run`;
+//! - (c) the whole pipeline, file → ring → VAD → encoder → spool on tmpfs, via `cmd::run::run`;
 //!
 //! and prints the minimum and median of each, per audio second, and c / (a + b).
 //! Without `--bench` (e.g. `cargo test --benches`) it runs each measurement once, as a smoke test.

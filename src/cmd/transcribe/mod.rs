@@ -86,14 +86,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, Error> {
         .duration_samples()
         .map(|n| n * 1000 / u64::from(SAMPLE_RATE));
     let shown = args.file.display().to_string();
-    let setup = if args.record_only {
-        None
-    } else {
-        match Setup::from_config(&config.transcribe)? {
-            Some(setup) => Some(setup),
-            None => return Err(Error::NoKey(upload::no_key_hint(&config.transcribe))),
-        }
-    };
+    let setup = setup(config, args)?;
     let store = Store::prepare(config, args, &shown)?;
     // Opened before anything is uploaded: a bad -o is found before the recording is billed.
     let document = if format == Format::Jsonl || args.record_only {
@@ -105,22 +98,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, Error> {
         true => jsonl_writer(args.output.as_deref())?,
         false => (Vec::new(), None),
     };
-    match &setup {
-        Some(setup) => {
-            if let Some(endpoint) = setup.endpoints.first() {
-                tracing::info!(
-                    "transcribing {shown} with {} ({}), {} at a time",
-                    endpoint.shown,
-                    endpoint.model,
-                    args.jobs
-                );
-            }
-        }
-        None => {
-            let dir = store.spool_dir.display();
-            tracing::info!("record-only: cutting {shown} into {dir}");
-        }
-    }
+    announce(&setup, args, &shown, &store.spool_dir);
     let mut dsp = DspConfig::from_config(config, source.describe());
     dsp.announce_audio = args.record_only || config.spool.keep_audio;
     let plan = Plan {
@@ -167,6 +145,37 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, Error> {
         spool_dir: store.spool_dir,
     };
     finish.write(batch, ended, writer, document)
+}
+
+/// Say on stderr what the run is about to do.
+fn announce(setup: &Option<Setup>, args: &TranscribeArgs, shown: &str, spool_dir: &Path) {
+    match setup {
+        Some(setup) => {
+            if let Some(endpoint) = setup.endpoints.first() {
+                tracing::info!(
+                    "transcribing {shown} with {} ({}), {} at a time",
+                    endpoint.shown,
+                    endpoint.model,
+                    args.jobs
+                );
+            }
+        }
+        None => {
+            let dir = spool_dir.display();
+            tracing::info!("record-only: cutting {shown} into {dir}");
+        }
+    }
+}
+
+/// The uploads of a run: `None` records only; no key for the endpoint is an error.
+fn setup(config: &Config, args: &TranscribeArgs) -> Result<Option<Setup>, Error> {
+    if args.record_only {
+        return Ok(None);
+    }
+    match Setup::from_config(&config.transcribe)? {
+        Some(setup) => Ok(Some(setup)),
+        None => Err(Error::NoKey(upload::no_key_hint(&config.transcribe))),
+    }
 }
 
 /// Where the utterances' audio goes: the `--record-only` directory, or the resume cache's spool.
