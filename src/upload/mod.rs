@@ -824,7 +824,7 @@ impl Worker {
                 });
                 (self.on_state)(true);
             }
-            if !self.wait(retry::outage_backoff(round, jitter())) {
+            if !self.wait(crate::backoff::OUTAGE.jittered(round, jitter())) {
                 return Outcome::Stopped;
             }
             round = round.saturating_add(1);
@@ -923,7 +923,8 @@ impl Worker {
                     if retry >= retry::MAX_RETRIES {
                         return Tried::Down(what);
                     }
-                    let wait = after.unwrap_or_else(|| retry::backoff(retry, jitter()));
+                    let wait = after
+                        .unwrap_or_else(|| crate::backoff::SDK_RETRY.jittered(retry, jitter()));
                     retry += 1;
                     if !self.wait(wait) {
                         return Tried::Stopped;
