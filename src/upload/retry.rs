@@ -26,18 +26,18 @@ pub enum Verdict {
     WantsWav,
 }
 
-/// The headers of a failed response that the policy reads.
-#[derive(Debug, Clone, Default)]
-pub struct RetryHeaders<'a> {
-    pub should_retry: Option<&'a str>,
-    pub retry_after_ms: Option<&'a str>,
-    pub retry_after: Option<&'a str>,
+/// The headers of a failed response that the policy reads, as the server sent them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryHeaders {
+    pub should_retry: Option<String>,
+    pub retry_after_ms: Option<String>,
+    pub retry_after: Option<String>,
 }
 
 /// Classify an HTTP error status. `code` and `message` come from the error body.
 pub fn classify_status(
     status: u16,
-    headers: &RetryHeaders<'_>,
+    headers: &RetryHeaders,
     code: Option<&str>,
     message: &str,
     now: SystemTime,
@@ -46,7 +46,7 @@ pub fn classify_status(
         return Verdict::WantsWav;
     }
     let after = server_delay(headers, now);
-    match headers.should_retry.map(str::trim) {
+    match headers.should_retry.as_deref().map(str::trim) {
         Some("true") => return Verdict::Retry { after },
         Some("false") => return Verdict::Final,
         _ => {}
@@ -98,13 +98,14 @@ pub fn rejects_format(status: u16, code: Option<&str>, message: &str) -> bool {
 
 /// The server's requested delay: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
 /// date, used only when it is more than 0 and at most 120 s (as the SDKs do).
-pub fn server_delay(headers: &RetryHeaders<'_>, now: SystemTime) -> Option<Duration> {
+pub fn server_delay(headers: &RetryHeaders, now: SystemTime) -> Option<Duration> {
     let ms = headers
         .retry_after_ms
+        .as_deref()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|ms| ms / 1000.0);
     let secs = ms.or_else(|| {
-        let v = headers.retry_after?.trim();
+        let v = headers.retry_after.as_deref()?.trim();
         v.parse::<f64>().ok().or_else(|| {
             let at = httpdate(v)?;
             Some(match at.duration_since(now) {
@@ -193,11 +194,11 @@ mod tests {
     fn x_should_retry_overrides_the_status() {
         let now = SystemTime::UNIX_EPOCH;
         let yes = RetryHeaders {
-            should_retry: Some("true"),
+            should_retry: Some("true".into()),
             ..Default::default()
         };
         let no = RetryHeaders {
-            should_retry: Some("false"),
+            should_retry: Some("false".into()),
             ..Default::default()
         };
         assert_eq!(
@@ -237,8 +238,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
         let h = |ms: Option<&'static str>, s: Option<&'static str>| RetryHeaders {
             should_retry: None,
-            retry_after_ms: ms,
-            retry_after: s,
+            retry_after_ms: ms.map(String::from),
+            retry_after: s.map(String::from),
         };
         assert_eq!(
             server_delay(&h(Some("1500"), Some("9")), now),
