@@ -11,10 +11,10 @@
 //! [`backoff::OUTAGE`], and [`Health`] makes the outage's start and end reported once; nothing
 //! is posted after the stop deadline.
 //!
-//! Sans-IO, in the style of rumqttc's `MqttState`: methods take what happened (the [`Outcome`] of
-//! a POST, the moment as [`Now`]) and return a [`Decision`]. Nothing here does HTTP, touches the
-//! spool, emits events or logs, sleeps, reads a clock or draws a random number: the upload
-//! threads (`worker`) do that and feed the results back. Deliberately not here either: what a
+//! Sans-IO: methods change the attempt's state with what happened (the [`Outcome`] of a POST,
+//! the moment as [`Now`]) and return a [`Decision`]. Nothing here does HTTP, touches the spool,
+//! emits events or logs, sleeps, reads a clock or draws a random number: the upload threads
+//! (`worker`) do that and feed the results back. Deliberately not here either: what a
 //! status means on its own (`retry`), the curves' shape (`crate::backoff`), the wording of logs
 //! and events.
 
