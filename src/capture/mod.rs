@@ -23,6 +23,7 @@ use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 use rubato::{Fft, FixedSync, Resampler};
 
+use crate::backoff;
 use crate::config::ChannelSel;
 use crate::event::{EventKind, Events, Stage};
 
@@ -597,12 +598,6 @@ impl Drop for CaptureHandle {
     }
 }
 
-/// Backoff for reopening a lost device: 0.5 s doubling to 30 s.
-pub fn reopen_delay(attempt: u32) -> Duration {
-    let ms = 500u64.saturating_mul(1 << attempt.min(6));
-    Duration::from_millis(ms.min(30_000))
-}
-
 /// Start the capture thread. The source should already be open (so that a bad file is reported
 /// before anything starts); a device that fails later is reopened with backoff.
 pub fn spawn(
@@ -635,7 +630,7 @@ pub fn spawn(
                             if !e.is_retryable() {
                                 break;
                             }
-                            park_unless_stopped(&shared, reopen_delay(attempt));
+                            park_unless_stopped(&shared, backoff::RECONNECT.delay(attempt));
                             attempt = attempt.saturating_add(1);
                             continue;
                         }

@@ -591,7 +591,7 @@ impl Link {
                     }
                     up_since = None;
                     let code = self.failed(&e, was_connected, &mut outage);
-                    let delay = crate::capture::reopen_delay(attempt);
+                    let delay = crate::backoff::RECONNECT.delay(attempt);
                     attempt = attempt.saturating_add(1);
                     if self.pause(delay) {
                         break;

@@ -9,12 +9,12 @@ use std::fmt;
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
 use super::response::{self, ApiError, MAX_BODY, Transcript};
-use super::retry::{self, RetryHeaders, Verdict};
+use super::retry::RetryHeaders;
 use super::sse::{Stream, StreamError};
 use crate::config::ResponseFormat;
 
@@ -166,29 +166,18 @@ pub struct Upload<'a> {
 /// What one attempt ended with when it did not give a transcript.
 #[derive(Debug, Clone)]
 pub enum Failure {
-    /// The server answered with an error status.
+    /// The server answered with an error status; what it means is the upload policy's to say.
     Status {
         status: u16,
         error: ApiError,
-        verdict: Verdict,
+        /// Boxed, to keep `Result<Transcript, Failure>` small.
+        headers: Box<RetryHeaders>,
     },
     /// No usable answer: connection refused or reset, TLS, timeout, a malformed or oversized body.
     Transport { code: &'static str, message: String },
 }
 
 impl Failure {
-    pub fn verdict(&self) -> Verdict {
-        match self {
-            Failure::Status { verdict, .. } => *verdict,
-            // A complete answer that cannot be read will not read better the next time.
-            Failure::Transport {
-                code: "bad_response",
-                ..
-            } => Verdict::Final,
-            Failure::Transport { .. } => Verdict::Retry { after: None },
-        }
-    }
-
     /// A short machine-readable code for `error` events.
     pub fn code(&self) -> &'static str {
         match self {
@@ -334,9 +323,11 @@ impl Client {
         };
         let content_type = header("content-type");
         if !(200..300).contains(&status) {
-            let should_retry = header("x-should-retry");
-            let retry_after_ms = header("retry-after-ms");
-            let retry_after = header("retry-after");
+            let headers = Box::new(RetryHeaders {
+                should_retry: header("x-should-retry"),
+                retry_after_ms: header("retry-after-ms"),
+                retry_after: header("retry-after"),
+            });
             let body = resp
                 .body_mut()
                 .with_config()
@@ -345,22 +336,10 @@ impl Client {
                 .unwrap_or_default();
             let mut error = response::parse_error(&body);
             error.message = ep.scrub(&error.message);
-            let headers = RetryHeaders {
-                should_retry: should_retry.as_deref(),
-                retry_after_ms: retry_after_ms.as_deref(),
-                retry_after: retry_after.as_deref(),
-            };
-            let verdict = retry::classify_status(
-                status,
-                &headers,
-                error.code.as_deref(),
-                &error.message,
-                SystemTime::now(),
-            );
             return Err(Failure::Status {
                 status,
                 error,
-                verdict,
+                headers,
             });
         }
 
@@ -400,13 +379,14 @@ impl Client {
 
 fn stream_failure(ep: &Endpoint, e: StreamError) -> Failure {
     match e {
-        // An error event inside a 200 stream: the server's own failure, worth another try.
+        // An error event inside a 200 stream: the server's own failure, worth another try
+        // (as a 500 is).
         StreamError::Api(mut error) => {
             error.message = ep.scrub(&error.message);
             Failure::Status {
                 status: 500,
                 error,
-                verdict: Verdict::Retry { after: None },
+                headers: Box::default(),
             }
         }
         StreamError::Bad(message) => Failure::Transport {

@@ -5,31 +5,33 @@
 //! handed to the sinks (then it is deleted, or moved to `done/` with `spool.keep_audio`), or after
 //! every endpoint refused it for good (moved to `failed/`, with an `error` event). While every
 //! endpoint is down the thread keeps trying with a capped backoff and reports `degraded`; nothing
-//! is lost meanwhile, because nothing leaves the spool. Deliberately not here: HTTP details
-//! (`client`), the policy itself (`retry`), body parsing (`response`, `sse`).
+//! is lost meanwhile, because nothing leaves the spool.
+//!
+//! Here: the settings built from `[transcribe]` ([`Setup`]) and the types callers see. Deliberately
+//! not here: the queue and its threads (`queue`, `worker`), the decisions they carry out (`policy`, with
+//! the SDKs' rule in `retry`), HTTP details (`client`), body parsing (`response`, `sse`).
 
 pub mod client;
 pub mod multipart;
+pub mod policy;
+mod queue;
 pub mod response;
 pub mod retry;
 pub mod sse;
+mod worker;
 
-use std::collections::VecDeque;
+pub use queue::Uploader;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
 use crate::codec::decode;
 use crate::config::{Chunking, ResponseFormat, TranscribeConfig};
-use crate::event::{DropReason, EventKind, Events, Stage};
-use crate::spool::{self, Entry, Spool};
-use client::{Client, Endpoint, Fields, Secret, Upload};
-use retry::Verdict;
+use crate::spool::{self, Entry};
+use client::{Client, Endpoint, Fields, Secret};
 
 /// Utterances shorter than this are never sent: every API answers 400 `audio_too_short`.
 pub const MIN_DURATION_MS: u64 = 100;
@@ -277,6 +279,22 @@ fn fields(t: &TranscribeConfig) -> Result<Fields, SetupError> {
             }
         }
     }
+    let (names, refs) = speakers(t)?;
+    for n in names {
+        add("known_speaker_names[]", n);
+    }
+    for r in refs {
+        add("known_speaker_references[]", r);
+    }
+    Ok(Fields {
+        parts,
+        format: Some(t.response_format),
+        stream: t.stream,
+    })
+}
+
+/// `known_speakers`: the names, and the references as WAV data URLs (2 to 10 s each).
+fn speakers(t: &TranscribeConfig) -> Result<(Vec<String>, Vec<String>), SetupError> {
     let mut names = Vec::new();
     let mut refs = Vec::new();
     for (index, s) in t.known_speakers.iter().enumerate() {
@@ -302,17 +320,7 @@ fn fields(t: &TranscribeConfig) -> Result<Fields, SetupError> {
             base64::engine::general_purpose::STANDARD.encode(&bytes)
         ));
     }
-    for n in names {
-        add("known_speaker_names[]", n);
-    }
-    for r in refs {
-        add("known_speaker_references[]", r);
-    }
-    Ok(Fields {
-        parts,
-        format: Some(t.response_format),
-        stream: t.stream,
-    })
+    Ok((names, refs))
 }
 
 fn format_name(f: ResponseFormat) -> &'static str {
@@ -364,12 +372,6 @@ pub enum Finished {
     },
 }
 
-struct Job {
-    entry: Entry,
-    /// When its `speech_end` was emitted, for utterances of this run.
-    ended: Option<Instant>,
-}
-
 /// Hands new utterances to whoever uploads them. Cheap to clone.
 #[derive(Clone)]
 pub struct Submitter(Arc<dyn Fn(Entry, Instant) + Send + Sync>);
@@ -408,203 +410,6 @@ pub struct Options {
     pub on_result: Option<OnResult>,
 }
 
-/// The queue the upload threads share, and what the control thread tells them.
-struct Queue {
-    state: Mutex<QueueState>,
-    changed: Condvar,
-}
-
-struct QueueState {
-    jobs: VecDeque<Job>,
-    /// No more jobs will come: end once the queue is empty.
-    finishing: bool,
-    /// End by this instant, whatever is left.
-    deadline: Option<Instant>,
-    /// The newest settings (a reload replaces them) and how many times they were replaced.
-    setup: Arc<Setup>,
-    generation: u64,
-    /// Every endpoint failed: reported once, whichever thread saw it.
-    down: bool,
-    /// A thread gave up on the endpoints ([`Patience::GiveUp`]): no one takes a new job.
-    gave_up: bool,
-}
-
-impl Queue {
-    fn lock(&self) -> MutexGuard<'_, QueueState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn push(&self, job: Job) {
-        self.lock().jobs.push_back(job);
-        // All: a thread waiting out a backoff sleeps on the same condvar as an idle one.
-        self.changed.notify_all();
-    }
-}
-
-/// Owns the upload threads.
-pub struct Uploader {
-    queue: Arc<Queue>,
-    threads: Vec<JoinHandle<Report>>,
-}
-
-impl Uploader {
-    /// Queue what waits in the spool now (oldest first), then start `options.workers` threads.
-    /// `done` receives one message when the last thread ends.
-    pub fn start<T: Send + 'static>(
-        setup: Setup,
-        spool: Arc<Spool>,
-        events: Events,
-        options: Options,
-        done: (Sender<T>, T),
-    ) -> Result<Uploader, StartError> {
-        let jobs: VecDeque<Job> = spool
-            .entries()?
-            .into_iter()
-            .map(|entry| Job { entry, ended: None })
-            .collect();
-        if !jobs.is_empty() {
-            tracing::info!(
-                "{} utterances wait in the spool; uploading them first",
-                jobs.len()
-            );
-        }
-        let setup = Arc::new(setup);
-        let queue = Arc::new(Queue {
-            state: Mutex::new(QueueState {
-                jobs,
-                finishing: false,
-                deadline: None,
-                setup: setup.clone(),
-                generation: 0,
-                down: false,
-                gave_up: false,
-            }),
-            changed: Condvar::new(),
-        });
-        // Sent when the last thread ends, however it ends (a panic included).
-        let done = Arc::new(DoneGuard(Mutex::new(Some(done))));
-        let mut uploader = Uploader {
-            queue: queue.clone(),
-            threads: Vec::new(),
-        };
-        for i in 0..options.workers.max(1) {
-            let worker = Worker {
-                queue: queue.clone(),
-                setup: setup.clone(),
-                generation: 0,
-                spool: spool.clone(),
-                events: events.clone(),
-                patience: options.patience,
-                keep_audio: options.keep_audio,
-                on_state: options.on_state.clone(),
-                on_result: options.on_result.clone(),
-                report: Report::default(),
-            };
-            let done = done.clone();
-            let name = if options.workers > 1 {
-                format!("hark-upload-{i}")
-            } else {
-                "hark-upload".to_owned()
-            };
-            let thread = thread::Builder::new()
-                .name(name)
-                .spawn(move || {
-                    let _done = done;
-                    worker.run()
-                })
-                // Dropping `uploader` stops and joins the threads already started.
-                .map_err(StartError::Thread)?;
-            uploader.threads.push(thread);
-        }
-        Ok(uploader)
-    }
-
-    pub fn submitter(&self) -> Submitter {
-        let queue = self.queue.clone();
-        Submitter::new(move |entry, ended| {
-            queue.push(Job {
-                entry,
-                ended: Some(ended),
-            })
-        })
-    }
-
-    /// No more utterances will come: the threads end when the queue is empty (or, with
-    /// [`Patience::GiveUp`], when every endpoint is down).
-    pub fn finish(&self) {
-        self.queue.lock().finishing = true;
-        self.queue.changed.notify_all();
-    }
-
-    /// New settings from a reloaded config, used from the next utterance on.
-    pub fn reconfigure(&self, setup: Setup) {
-        let mut state = self.queue.lock();
-        state.setup = Arc::new(setup);
-        state.generation += 1;
-    }
-
-    /// Keep going until `deadline`, then abandon what is left (it stays in the spool).
-    pub fn stop(&self, deadline: Instant) {
-        let mut state = self.queue.lock();
-        state.deadline = Some(state.deadline.map_or(deadline, |d| d.min(deadline)));
-        drop(state);
-        self.queue.changed.notify_all();
-    }
-
-    /// Join the threads; call after the `done` message arrived (else this blocks until they end).
-    pub fn join(mut self) -> Report {
-        let mut report = Report::default();
-        for t in std::mem::take(&mut self.threads) {
-            let r = t.join().unwrap_or_default();
-            report.transcribed += r.transcribed;
-            report.failed += r.failed;
-        }
-        let state = self.queue.lock();
-        report.waiting = state.jobs.len() as u64;
-        if report.waiting > 0
-            && let Some(dir) = state.jobs.front().and_then(|job| job.entry.audio.parent())
-        {
-            tracing::warn!(
-                "{} utterances stay in {} for the next run",
-                report.waiting,
-                dir.display()
-            );
-        }
-        report
-    }
-
-    /// Give up on the threads without joining them (an upload in flight past the stop deadline).
-    pub fn detach(mut self) {
-        self.threads.clear();
-    }
-}
-
-impl Drop for Uploader {
-    fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.stop(Instant::now());
-            for t in self.threads.drain(..) {
-                let _ = t.join();
-            }
-        }
-    }
-}
-
-struct DoneGuard<T>(Mutex<Option<(Sender<T>, T)>>);
-
-impl<T> Drop for DoneGuard<T> {
-    fn drop(&mut self) {
-        let taken = self
-            .0
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((tx, msg)) = taken {
-            let _ = tx.send(msg);
-        }
-    }
-}
-
 /// An utterance's audio: the Ogg file, and the WAV made from it once an endpoint asked for it.
 struct Audio {
     ogg: Vec<u8>,
@@ -622,417 +427,6 @@ impl Audio {
         }
         Ok(self.wav.as_deref().unwrap_or_default())
     }
-}
-
-/// What one endpoint did with an utterance, its retries included.
-enum Tried {
-    /// Transcribed, and the transcript handed to the sinks.
-    Delivered,
-    /// The stop deadline came first (the audio stays in the spool).
-    Stopped,
-    /// It will not take this audio (a final error): why, and the event code.
-    Refused(String, &'static str),
-    /// It did not answer usefully after its retries.
-    Down(String),
-}
-
-enum Outcome {
-    Done,
-    /// Stopped before this job was finished: it stays in the spool.
-    Stopped,
-    /// Every endpoint is down and the patience ran out.
-    GaveUp,
-}
-
-struct Worker {
-    queue: Arc<Queue>,
-    /// The settings in use, taken from the queue between utterances (an endpoint index must
-    /// not change under an upload).
-    setup: Arc<Setup>,
-    generation: u64,
-    spool: Arc<Spool>,
-    events: Events,
-    patience: Patience,
-    keep_audio: bool,
-    on_state: OnState,
-    on_result: Option<OnResult>,
-    report: Report,
-}
-
-impl Worker {
-    fn run(mut self) -> Report {
-        while let Some(job) = self.next_job() {
-            match self.upload(&job) {
-                Outcome::Done => {}
-                outcome => {
-                    // It stays in the spool; the others stop too (past the deadline, or every
-                    // endpoint is down and this run does not wait).
-                    let mut state = self.queue.lock();
-                    state.jobs.push_front(job);
-                    state.gave_up |= matches!(outcome, Outcome::GaveUp);
-                    drop(state);
-                    self.queue.changed.notify_all();
-                    break;
-                }
-            }
-        }
-        self.report
-    }
-
-    /// The next job, or `None` when this thread should end.
-    fn next_job(&self) -> Option<Job> {
-        let mut state = self.queue.lock();
-        loop {
-            if state.gave_up || state.deadline.is_some_and(|d| Instant::now() >= d) {
-                return None;
-            }
-            if let Some(job) = state.jobs.pop_front() {
-                return Some(job);
-            }
-            if state.finishing || state.deadline.is_some() {
-                return None;
-            }
-            state = self
-                .queue
-                .changed
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-
-    fn deadline(&self) -> Option<Instant> {
-        self.queue.lock().deadline
-    }
-
-    fn past_deadline(&self) -> bool {
-        self.deadline().is_some_and(|d| Instant::now() >= d)
-    }
-
-    /// Wait `d`; `false` when the stop deadline comes first.
-    fn wait(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
-        let mut state = self.queue.lock();
-        loop {
-            let now = Instant::now();
-            if let Some(deadline) = state.deadline
-                && deadline <= until
-            {
-                if now >= deadline {
-                    return false;
-                }
-            } else if now >= until {
-                return true;
-            }
-            let end = state.deadline.map_or(until, |dl| dl.min(until));
-            state = self
-                .queue
-                .changed
-                .wait_timeout(state, end.saturating_duration_since(now))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    /// Take new settings, if a reload sent some; only between rounds over the endpoints.
-    fn take_setup(&mut self) {
-        let state = self.queue.lock();
-        if state.generation != self.generation {
-            self.generation = state.generation;
-            self.setup = state.setup.clone();
-            drop(state);
-            tracing::info!("new transcription settings in effect");
-        }
-    }
-
-    /// Mark every endpoint down (`true`) or one up again; whether that changed the state.
-    fn set_down(&self, down: bool) -> bool {
-        std::mem::replace(&mut self.queue.lock().down, down) != down
-    }
-
-    fn is_down(&self) -> bool {
-        self.queue.lock().down
-    }
-
-    fn upload(&mut self, job: &Job) -> Outcome {
-        let entry = &job.entry;
-        let meta = match spool::read_meta(&entry.meta) {
-            Ok(meta) => meta,
-            // Dropped by the spool cap while it waited: its `dropped` event was emitted then.
-            Err(_) if !entry.meta.exists() => return Outcome::Done,
-            Err(e) => {
-                self.fail(entry, "bad_metadata", &format!("{e}"));
-                return Outcome::Done;
-            }
-        };
-        if meta.duration_ms < MIN_DURATION_MS {
-            self.events.emit(EventKind::Dropped {
-                utterance: meta.utterance.clone(),
-                offset_ms: meta.offset_ms,
-                reason: DropReason::TooShort,
-                duration_ms: meta.duration_ms,
-            });
-            let _ = self.spool.remove(entry);
-            if let Some(on_result) = &self.on_result {
-                on_result(Finished::TooShort {
-                    utterance: meta.utterance,
-                });
-            }
-            return Outcome::Done;
-        }
-        let mut audio = match std::fs::read(&entry.audio) {
-            Ok(ogg) => Audio { ogg, wav: None },
-            Err(e) => {
-                let msg = format!("{}: {e}", entry.audio.display());
-                self.fail(entry, "missing_audio", &msg);
-                return Outcome::Done;
-            }
-        };
-        let mut attempts = 0u32;
-        let mut round = 0u32;
-        loop {
-            // A reload during an outage (the endpoint fixed) applies to the next round.
-            self.take_setup();
-            // Every endpoint in order; the utterance fails for good only if all refuse it.
-            let mut down: Option<String> = None;
-            let mut refused: Option<(String, &'static str)> = None;
-            for i in 0..self.setup.endpoints.len() {
-                match self.try_endpoint(i, job, &meta, &mut audio, &mut attempts) {
-                    Tried::Delivered => return Outcome::Done,
-                    Tried::Stopped => return Outcome::Stopped,
-                    Tried::Refused(why, code) => refused = Some((why, code)),
-                    Tried::Down(why) => down = Some(why),
-                }
-            }
-            let Some(why) = down else {
-                let (why, code) =
-                    refused.unwrap_or_else(|| ("no endpoint configured".to_owned(), "no_endpoint"));
-                self.fail(entry, code, &why);
-                return Outcome::Done;
-            };
-            if self.patience == Patience::GiveUp {
-                tracing::warn!("every endpoint failed ({why}); giving up for now");
-                return Outcome::GaveUp;
-            }
-            if self.set_down(true) {
-                self.events.emit(EventKind::Error {
-                    stage: Stage::Upload,
-                    code: "endpoints_down",
-                    message: format!(
-                        "every endpoint failed, last {why}; retrying, utterances wait in the spool"
-                    ),
-                    retrying: true,
-                });
-                (self.on_state)(true);
-            }
-            if !self.wait(retry::outage_backoff(round, jitter())) {
-                return Outcome::Stopped;
-            }
-            round = round.saturating_add(1);
-        }
-    }
-
-    /// Endpoint `i` with the SDKs' retries: a transcript (delivered), a refusal, or down.
-    fn try_endpoint(
-        &mut self,
-        i: usize,
-        job: &Job,
-        meta: &spool::UtteranceMeta,
-        audio: &mut Audio,
-        attempts: &mut u32,
-    ) -> Tried {
-        let mut retry = 0u32;
-        loop {
-            if self.past_deadline() {
-                return Tried::Stopped;
-            }
-            let ep = &self.setup.endpoints[i];
-            let as_wav = ep.wants_wav();
-            let bytes = match audio.bytes(as_wav) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    let why = format!("cannot convert {} to WAV: {e}", job.entry.audio.display());
-                    return Tried::Refused(why, "bad_audio");
-                }
-            };
-            *attempts += 1;
-            let started = Instant::now();
-            let events = &self.events;
-            let mut on_delta = |delta: &str| {
-                events.emit(EventKind::TranscriptDelta {
-                    utterance: meta.utterance.clone(),
-                    offset_ms: meta.offset_ms,
-                    delta: delta.to_owned(),
-                });
-            };
-            let upload = Upload {
-                id: &meta.utterance,
-                bytes,
-                wav: as_wav,
-            };
-            let result = self.setup.client.transcribe(
-                ep,
-                &self.setup.fields,
-                &upload,
-                self.deadline(),
-                &mut on_delta,
-            );
-            let f = match result {
-                Ok(t) => {
-                    tracing::debug!(
-                        "{}: transcribed by {} in {} ms",
-                        meta.utterance,
-                        ep.shown,
-                        started.elapsed().as_millis()
-                    );
-                    return match self.deliver(job, meta, t, i, *attempts) {
-                        true => Tried::Delivered,
-                        false => Tried::Stopped,
-                    };
-                }
-                Err(f) => f,
-            };
-            let what = format!("{}: {f}", ep.shown);
-            match f.verdict() {
-                Verdict::WantsWav if !as_wav => {
-                    tracing::info!(
-                        "{} does not take Ogg/Opus ({f}); sending WAV to it from now on",
-                        ep.shown
-                    );
-                    ep.remember_wav();
-                }
-                Verdict::Unavailable => {
-                    tracing::warn!("{}: {what}", meta.utterance);
-                    return Tried::Down(what);
-                }
-                Verdict::WantsWav | Verdict::Final => {
-                    tracing::warn!("{}: {what}", meta.utterance);
-                    return Tried::Refused(what, f.code());
-                }
-                Verdict::Retry { after } => {
-                    tracing::warn!("{} (attempt {attempts}): {what}", meta.utterance);
-                    // Each failure while the service is up; once every endpoint is down, only
-                    // the transitions (no event per retry).
-                    if !self.is_down() {
-                        self.events.emit(EventKind::Error {
-                            stage: Stage::Upload,
-                            code: f.code(),
-                            message: format!("utterance {}: {what}; retrying", meta.utterance),
-                            retrying: true,
-                        });
-                    }
-                    if retry >= retry::MAX_RETRIES {
-                        return Tried::Down(what);
-                    }
-                    let wait = after.unwrap_or_else(|| retry::backoff(retry, jitter()));
-                    retry += 1;
-                    if !self.wait(wait) {
-                        return Tried::Stopped;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Emit the transcript, then let go of the audio. `false`: no sink took the transcript
-    /// before the stop deadline, so the audio stays in the spool (to be sent again).
-    fn deliver(
-        &mut self,
-        job: &Job,
-        meta: &spool::UtteranceMeta,
-        t: response::Transcript,
-        endpoint: usize,
-        attempts: u32,
-    ) -> bool {
-        let ep = &self.setup.endpoints[endpoint];
-        let latency = match job.ended {
-            Some(at) => at.elapsed(),
-            None => humantime::parse_rfc3339(&meta.start_time)
-                .ok()
-                .map(|start| start + Duration::from_millis(meta.duration_ms))
-                .and_then(|end| SystemTime::now().duration_since(end).ok())
-                .unwrap_or_default(),
-        };
-        // For a caller that keeps its own record of the results.
-        let kept = self.on_result.is_some().then(|| t.clone());
-        let event = EventKind::Transcript {
-            utterance: meta.utterance.clone(),
-            offset_ms: meta.offset_ms,
-            text: t.text,
-            duration_ms: meta.duration_ms,
-            language: t.language,
-            segments: t.segments,
-            words: t.words,
-            logprobs: t.logprobs,
-            usage: t.usage,
-            model: ep.model.clone(),
-            endpoint: ep.shown.clone(),
-            attempts,
-            latency_ms: latency.as_millis() as u64,
-        };
-        // Handed to the sinks, or kept: every sink full (a stalled reader) or hark stopping.
-        while !self.events.emit(event.clone()) {
-            if !self.wait(Duration::from_secs(1)) {
-                tracing::warn!(
-                    "{}: no sink took its transcript; the audio stays in the spool",
-                    meta.utterance
-                );
-                return false;
-            }
-        }
-        let ep = &self.setup.endpoints[endpoint];
-        self.report.transcribed += 1;
-        if let (Some(on_result), Some(transcript)) = (&self.on_result, kept) {
-            on_result(Finished::Transcribed {
-                utterance: meta.utterance.clone(),
-                transcript,
-                model: ep.model.clone(),
-                endpoint: ep.shown.clone(),
-            });
-        }
-        let kept = if self.keep_audio {
-            self.spool.move_to(&job.entry, "done").map(|_| ())
-        } else {
-            self.spool.remove(&job.entry)
-        };
-        if let Err(e) = kept {
-            tracing::warn!("{}: transcribed, but {e}", meta.utterance);
-        }
-        if self.set_down(false) {
-            tracing::info!("{} answers again", ep.shown);
-            (self.on_state)(false);
-        }
-        true
-    }
-
-    /// Move an utterance that will never be transcribed to `failed/` and say why.
-    fn fail(&mut self, entry: &Entry, code: &'static str, why: &str) {
-        let moved = self.spool.move_to(entry, "failed");
-        let place = match &moved {
-            Ok(path) => format!("kept as {}", path.display()),
-            Err(e) => format!("could not be moved to failed/: {e}"),
-        };
-        let message = format!("utterance {}: {why}; not retried, {place}", entry.id);
-        tracing::error!("{message}");
-        if let Some(on_result) = &self.on_result {
-            on_result(Finished::Failed {
-                utterance: entry.id.clone(),
-                code,
-                message: message.clone(),
-            });
-        }
-        self.events.emit(EventKind::Error {
-            stage: Stage::Upload,
-            code,
-            message,
-            retrying: false,
-        });
-        self.report.failed += 1;
-    }
-}
-
-/// A number in 0..1 for backoff jitter.
-fn jitter() -> f64 {
-    f64::from(spool::random_u32()) / f64::from(u32::MAX)
 }
 
 #[cfg(test)]

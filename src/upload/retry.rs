@@ -1,7 +1,9 @@
-//! The retry policy of the official OpenAI SDKs, as pure functions: which failures are worth
-//! another attempt, how long to wait before it, and when an endpoint has rejected the audio format.
+//! The retry rule of the official OpenAI SDKs, as pure functions: which failures are worth
+//! another attempt, how long the server asked to wait before it, and when an endpoint has
+//! rejected the audio format.
 //!
-//! Nothing here sleeps or touches the network; the uploader asks and acts. Sources: openai-python
+//! Nothing here sleeps or touches the network; the upload policy asks and acts. The backoff
+//! curve itself is `crate::backoff::SDK_RETRY`. Sources: openai-python
 //! `_base_client.py` (`_should_retry`, `_calculate_retry_timeout`); the README's "Transcription"
 //! section says what hark retries.
 
@@ -9,9 +11,6 @@ use std::time::{Duration, SystemTime};
 
 /// Retries per endpoint after the first attempt (the SDKs' `max_retries` default).
 pub const MAX_RETRIES: u32 = 2;
-
-/// Longest wait between rounds while every endpoint is down: the spool is the queue meanwhile.
-pub const OUTAGE_CAP: Duration = Duration::from_secs(60);
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,18 +26,18 @@ pub enum Verdict {
     WantsWav,
 }
 
-/// The headers of a failed response that the policy reads.
-#[derive(Debug, Clone, Default)]
-pub struct RetryHeaders<'a> {
-    pub should_retry: Option<&'a str>,
-    pub retry_after_ms: Option<&'a str>,
-    pub retry_after: Option<&'a str>,
+/// The headers of a failed response that the policy reads, as the server sent them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryHeaders {
+    pub should_retry: Option<String>,
+    pub retry_after_ms: Option<String>,
+    pub retry_after: Option<String>,
 }
 
 /// Classify an HTTP error status. `code` and `message` come from the error body.
 pub fn classify_status(
     status: u16,
-    headers: &RetryHeaders<'_>,
+    headers: &RetryHeaders,
     code: Option<&str>,
     message: &str,
     now: SystemTime,
@@ -47,7 +46,7 @@ pub fn classify_status(
         return Verdict::WantsWav;
     }
     let after = server_delay(headers, now);
-    match headers.should_retry.map(str::trim) {
+    match headers.should_retry.as_deref().map(str::trim) {
         Some("true") => return Verdict::Retry { after },
         Some("false") => return Verdict::Final,
         _ => {}
@@ -99,13 +98,14 @@ pub fn rejects_format(status: u16, code: Option<&str>, message: &str) -> bool {
 
 /// The server's requested delay: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
 /// date, used only when it is more than 0 and at most 120 s (as the SDKs do).
-pub fn server_delay(headers: &RetryHeaders<'_>, now: SystemTime) -> Option<Duration> {
+pub fn server_delay(headers: &RetryHeaders, now: SystemTime) -> Option<Duration> {
     let ms = headers
         .retry_after_ms
+        .as_deref()
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|ms| ms / 1000.0);
     let secs = ms.or_else(|| {
-        let v = headers.retry_after?.trim();
+        let v = headers.retry_after.as_deref()?.trim();
         v.parse::<f64>().ok().or_else(|| {
             let at = httpdate(v)?;
             Some(match at.duration_since(now) {
@@ -115,22 +115,6 @@ pub fn server_delay(headers: &RetryHeaders<'_>, now: SystemTime) -> Option<Durat
         })
     })?;
     (secs > 0.0 && secs <= 120.0).then(|| Duration::from_secs_f64(secs))
-}
-
-/// The SDKs' backoff before retry number `retry` (0 for the first retry):
-/// `min(0.5 * 2^retry, 8) * (1 - 0.25 * jitter)`, `jitter` in 0..1.
-pub fn backoff(retry: u32, jitter: f64) -> Duration {
-    let base = (0.5 * 2f64.powi(retry.min(16) as i32)).min(8.0);
-    Duration::from_secs_f64(base * (1.0 - 0.25 * jitter.clamp(0.0, 1.0)))
-}
-
-/// The wait before round `round` (0 first) of trying every endpoint again while all are down:
-/// 1 s doubling up to [`OUTAGE_CAP`], with the same jitter.
-pub fn outage_backoff(round: u32, jitter: f64) -> Duration {
-    let base = 2f64
-        .powi(round.min(16) as i32)
-        .min(OUTAGE_CAP.as_secs_f64());
-    Duration::from_secs_f64(base * (1.0 - 0.25 * jitter.clamp(0.0, 1.0)))
 }
 
 /// Parse an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the only HTTP date form servers send.
@@ -210,11 +194,11 @@ mod tests {
     fn x_should_retry_overrides_the_status() {
         let now = SystemTime::UNIX_EPOCH;
         let yes = RetryHeaders {
-            should_retry: Some("true"),
+            should_retry: Some("true".into()),
             ..Default::default()
         };
         let no = RetryHeaders {
-            should_retry: Some("false"),
+            should_retry: Some("false".into()),
             ..Default::default()
         };
         assert_eq!(
@@ -254,8 +238,8 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
         let h = |ms: Option<&'static str>, s: Option<&'static str>| RetryHeaders {
             should_retry: None,
-            retry_after_ms: ms,
-            retry_after: s,
+            retry_after_ms: ms.map(String::from),
+            retry_after: s.map(String::from),
         };
         assert_eq!(
             server_delay(&h(Some("1500"), Some("9")), now),
@@ -285,18 +269,5 @@ mod tests {
         ] {
             assert_eq!(server_delay(&h(None, Some(date)), now), None, "{date}");
         }
-    }
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_jitter_only_shortens() {
-        assert_eq!(backoff(0, 0.0), Duration::from_millis(500));
-        assert_eq!(backoff(1, 0.0), Duration::from_secs(1));
-        assert_eq!(backoff(4, 0.0), Duration::from_secs(8));
-        assert_eq!(backoff(40, 0.0), Duration::from_secs(8));
-        assert_eq!(backoff(0, 1.0), Duration::from_millis(375));
-        assert_eq!(outage_backoff(0, 0.0), Duration::from_secs(1));
-        assert_eq!(outage_backoff(5, 0.0), Duration::from_secs(32));
-        assert_eq!(outage_backoff(6, 0.0), OUTAGE_CAP);
-        assert_eq!(outage_backoff(u32::MAX, 0.0), OUTAGE_CAP);
     }
 }
