@@ -8,7 +8,7 @@
 //! ([`Formats`]); a final error on one endpoint moves on to the next, and the utterance fails only
 //! if every endpoint refused it; an endpoint out of quota counts as down; when every endpoint is
 //! down, [`Patience`] says whether to give up or to try again in rounds after
-//! [`backoff::OUTAGE`], and [`Health`] makes the outage's start and end reported once; nothing
+//! [`backoff::OUTAGE`], and [`Outage`] makes the outage's start and end reported once; nothing
 //! is posted after the stop deadline.
 //!
 //! Sans-IO: methods change the attempt's state with what happened (the [`Outcome`] of a POST,
@@ -26,7 +26,7 @@ use super::retry::{self, RetryHeaders, Verdict};
 use crate::backoff;
 
 /// Which endpoints take WAV only: learnt from a rejection of Ogg/Opus, kept for every later
-/// utterance and shared by the upload threads (the upload settings hold it, so a reload
+/// utterance and context by the upload threads (the upload settings hold it, so a reload
 /// forgets it with the endpoints it was about).
 pub trait Formats {
     /// Whether endpoint `endpoint` gets WAV instead of Ogg/Opus.
@@ -38,11 +38,11 @@ pub trait Formats {
 /// Whether every endpoint is down. One flag for all the upload threads, so that an outage is
 /// reported once when it begins and once when it ends, whichever thread saw it.
 #[derive(Debug, Default)]
-pub struct Health {
+pub struct Outage {
     down: AtomicBool,
 }
 
-impl Health {
+impl Outage {
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
     }
@@ -60,9 +60,9 @@ impl Health {
 
 /// What the upload threads share, handed to each step.
 #[derive(Clone, Copy)]
-pub struct Shared<'a> {
+pub struct Context<'a> {
     pub formats: &'a dyn Formats,
-    pub health: &'a Health,
+    pub outage: &'a Outage,
 }
 
 /// The moment of a step, as the caller read it.
@@ -208,18 +208,18 @@ impl Attempt {
     /// Try every endpoint in order, the primary first: the first step of an utterance, and the
     /// one after [`Decision::Park`]. `endpoints` is how many the settings now in effect have (a
     /// reload between rounds may change them).
-    pub fn round(&mut self, endpoints: usize, shared: Shared<'_>, now: &Now) -> Decision {
+    pub fn round(&mut self, endpoints: usize, context: Context<'_>, now: &Now) -> Decision {
         self.endpoints = endpoints;
         self.endpoint = 0;
         self.retry = 0;
         self.down = None;
         self.refused = None;
-        self.next(shared, now)
+        self.next(context, now)
     }
 
     /// The wait of [`Decision::Retry`] is over: the same endpoint again.
-    pub fn resume(&mut self, shared: Shared<'_>, now: &Now) -> Decision {
-        self.next(shared, now)
+    pub fn resume(&mut self, context: Context<'_>, now: &Now) -> Decision {
+        self.next(context, now)
     }
 
     /// The POST gave a transcript.
@@ -232,8 +232,8 @@ impl Attempt {
     }
 
     /// The transcript was handed to the sinks. `true`: that ends an outage (report it once).
-    pub fn delivered(&self, shared: Shared<'_>) -> bool {
-        shared.health.came_up()
+    pub fn delivered(&self, context: Context<'_>) -> bool {
+        context.outage.came_up()
     }
 
     /// The POST failed (or could not be made): what to tell, and what next. `reason` is how
@@ -242,13 +242,13 @@ impl Attempt {
         &mut self,
         outcome: Outcome<'_>,
         reason: Reason,
-        shared: Shared<'_>,
+        context: Context<'_>,
         now: &Now,
     ) -> Step {
         let verdict = match outcome {
             Outcome::Unconvertible => {
                 self.refused = Some(reason);
-                return step(Note::Unconvertible, self.next_endpoint(shared, now));
+                return step(Note::Unconvertible, self.next_endpoint(context, now));
             }
             Outcome::Status {
                 status,
@@ -262,25 +262,25 @@ impl Attempt {
         self.posts = self.posts.saturating_add(1);
         match verdict {
             Verdict::WantsWav if !self.wav => {
-                shared.formats.learn_wav(self.endpoint);
-                step(Note::Wav, self.next(shared, now))
+                context.formats.learn_wav(self.endpoint);
+                step(Note::Wav, self.next(context, now))
             }
             Verdict::WantsWav | Verdict::Final => {
                 self.refused = Some(reason);
-                step(Note::Refused, self.next_endpoint(shared, now))
+                step(Note::Refused, self.next_endpoint(context, now))
             }
             Verdict::Unavailable => {
                 self.down = Some(reason.text);
-                step(Note::Unavailable, self.next_endpoint(shared, now))
+                step(Note::Unavailable, self.next_endpoint(context, now))
             }
             Verdict::Retry { after } => {
                 let note = Note::Retrying {
                     attempt: self.posts,
-                    report: !shared.health.is_down(),
+                    report: !context.outage.is_down(),
                 };
                 if self.retry >= retry::MAX_RETRIES {
                     self.down = Some(reason.text);
-                    return step(note, self.next_endpoint(shared, now));
+                    return step(note, self.next_endpoint(context, now));
                 }
                 let wait =
                     after.unwrap_or_else(|| backoff::SDK_RETRY.jittered(self.retry, now.jitter));
@@ -290,21 +290,21 @@ impl Attempt {
         }
     }
 
-    fn next_endpoint(&mut self, shared: Shared<'_>, now: &Now) -> Decision {
+    fn next_endpoint(&mut self, context: Context<'_>, now: &Now) -> Decision {
         self.endpoint += 1;
         self.retry = 0;
-        self.next(shared, now)
+        self.next(context, now)
     }
 
     /// A POST to the current endpoint, unless the round is over or the stop deadline passed.
-    fn next(&mut self, shared: Shared<'_>, now: &Now) -> Decision {
+    fn next(&mut self, context: Context<'_>, now: &Now) -> Decision {
         if self.endpoint >= self.endpoints {
-            return self.round_over(shared, now);
+            return self.round_over(context, now);
         }
         if now.past_deadline() {
             return Decision::Stop;
         }
-        self.wav = shared.formats.wants_wav(self.endpoint);
+        self.wav = context.formats.wants_wav(self.endpoint);
         Decision::Post {
             endpoint: self.endpoint,
             wav: self.wav,
@@ -312,7 +312,7 @@ impl Attempt {
     }
 
     /// Every endpoint was tried: fail if all refused the audio, else the outage rules.
-    fn round_over(&mut self, shared: Shared<'_>, now: &Now) -> Decision {
+    fn round_over(&mut self, context: Context<'_>, now: &Now) -> Decision {
         let Some(why) = self.down.take() else {
             return Decision::Fail(self.refused.take().unwrap_or_else(|| Reason {
                 code: "no_endpoint",
@@ -322,7 +322,7 @@ impl Attempt {
         if self.patience == Patience::GiveUp {
             return Decision::GiveUp { why };
         }
-        let report = shared.health.went_down();
+        let report = context.outage.went_down();
         let delay = backoff::OUTAGE.jittered(self.round, now.jitter);
         self.round = self.round.saturating_add(1);
         Decision::Park { delay, report, why }
@@ -355,7 +355,7 @@ mod tests {
     /// What the upload threads share, and the clock they read.
     struct World {
         formats: Learnt,
-        health: Health,
+        outage: Outage,
         now: Now,
     }
 
@@ -363,7 +363,7 @@ mod tests {
         fn new() -> World {
             World {
                 formats: Learnt::default(),
-                health: Health::default(),
+                outage: Outage::default(),
                 now: Now {
                     at: Instant::now(),
                     // Sun, 06 Nov 1994 08:49:37 GMT
@@ -374,19 +374,19 @@ mod tests {
             }
         }
 
-        fn shared(&self) -> Shared<'_> {
-            Shared {
+        fn context(&self) -> Context<'_> {
+            Context {
                 formats: &self.formats,
-                health: &self.health,
+                outage: &self.outage,
             }
         }
 
         fn round(&self, a: &mut Attempt, endpoints: usize) -> Decision {
-            a.round(endpoints, self.shared(), &self.now)
+            a.round(endpoints, self.context(), &self.now)
         }
 
         fn resume(&self, a: &mut Attempt) -> Decision {
-            a.resume(self.shared(), &self.now)
+            a.resume(self.context(), &self.now)
         }
 
         /// An HTTP error with an OpenAI-style body.
@@ -408,7 +408,7 @@ mod tests {
                 code,
                 message,
             };
-            a.failed(outcome, reason(status), self.shared(), &self.now)
+            a.failed(outcome, reason(status), self.context(), &self.now)
         }
 
         fn outcome(&self, a: &mut Attempt, outcome: Outcome<'_>, code: &'static str) -> Step {
@@ -416,7 +416,7 @@ mod tests {
                 code,
                 text: code.to_owned(),
             };
-            a.failed(outcome, reason, self.shared(), &self.now)
+            a.failed(outcome, reason, self.context(), &self.now)
         }
 
         /// Three 503s on the current endpoint: two retries, then the next step after them.
@@ -472,7 +472,7 @@ mod tests {
                 attempts: 4
             }
         );
-        assert!(!a.delivered(w.shared()), "no outage to end");
+        assert!(!a.delivered(w.context()), "no outage to end");
         // A fallback that fails too gets its own two retries.
         let mut b = Attempt::new(Patience::Forever);
         w.round(&mut b, 2);
@@ -558,7 +558,7 @@ mod tests {
         };
         assert_eq!((delay, report), (Duration::from_secs(1), true));
         assert!(why.contains("503"), "{why}");
-        assert!(w.health.is_down());
+        assert!(w.outage.is_down());
         // The next round: failures are no longer reported one by one, nor the outage again.
         assert_eq!(w.round(&mut a, 1), post(0, false));
         let step = w.status(&mut a, 503, None, "overloaded");
@@ -582,11 +582,11 @@ mod tests {
         // Up again: the first delivery reports it, the next one does not.
         assert_eq!(w.round(&mut a, 1), post(0, false));
         assert_eq!(a.answered().attempts, 7);
-        assert!(a.delivered(w.shared()));
-        assert!(!w.health.is_down());
+        assert!(a.delivered(w.context()));
+        assert!(!w.outage.is_down());
         w.round(&mut b, 1);
         b.answered();
-        assert!(!b.delivered(w.shared()));
+        assert!(!b.delivered(w.context()));
     }
 
     #[test]
@@ -624,7 +624,7 @@ mod tests {
             panic!("GiveUp waits for nothing");
         };
         assert!(why.contains("503"), "{why}");
-        assert!(!w.health.is_down(), "giving up is no outage to report");
+        assert!(!w.outage.is_down(), "giving up is no outage to report");
         let mut b = Attempt::new(Patience::Forever);
         w.round(&mut b, 2);
         w.three_503s(&mut b);

@@ -12,7 +12,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use super::policy::Health;
+use super::policy::Outage;
 use super::worker::Worker;
 use super::{Options, Report, Setup, StartError, Submitter};
 use crate::event::Events;
@@ -30,7 +30,7 @@ pub(super) struct Queue {
     state: Mutex<QueueState>,
     changed: Condvar,
     /// Whether every endpoint is down, shared by the threads.
-    pub(super) health: Health,
+    pub(super) outage: Outage,
 }
 
 struct QueueState {
@@ -162,7 +162,7 @@ impl Uploader {
                 gave_up: false,
             }),
             changed: Condvar::new(),
-            health: Health::default(),
+            outage: Outage::default(),
         });
         // Sent when the last thread ends, however it ends (a panic included).
         let done = Arc::new(DoneGuard(Mutex::new(Some(done))));

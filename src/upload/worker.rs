@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::client::{Endpoint, Failure, Upload};
-use super::policy::{Attempt, Decision, Delivery, Formats, Note, Now, Outcome, Reason, Shared};
+use super::policy::{Attempt, Context, Decision, Delivery, Formats, Note, Now, Outcome, Reason};
 use super::queue::{Job, Queue};
 use super::{
     Audio, Finished, MIN_DURATION_MS, OnResult, OnState, Options, Patience, Report, Setup, response,
@@ -137,10 +137,10 @@ impl Worker {
         }
     }
 
-    fn shared(&self) -> Shared<'_> {
-        Shared {
+    fn context(&self) -> Context<'_> {
+        Context {
             formats: &*self.setup,
-            health: &self.queue.health,
+            outage: &self.queue.outage,
         }
     }
 
@@ -160,7 +160,7 @@ impl Worker {
         };
         let mut attempt = Attempt::new(self.patience);
         self.take_setup();
-        let mut next = attempt.round(self.setup.endpoints.len(), self.shared(), &self.now());
+        let mut next = attempt.round(self.setup.endpoints.len(), self.context(), &self.now());
         loop {
             next = match next {
                 Decision::Post { endpoint, wav } => {
@@ -172,7 +172,7 @@ impl Worker {
                 }
                 Decision::Retry(delay) => {
                     self.queue.wait(delay);
-                    attempt.resume(self.shared(), &self.now())
+                    attempt.resume(self.context(), &self.now())
                 }
                 Decision::Park { delay, report, why } => {
                     if report {
@@ -182,7 +182,7 @@ impl Worker {
                     if self.queue.wait(delay) {
                         self.take_setup();
                     }
-                    attempt.round(self.setup.endpoints.len(), self.shared(), &self.now())
+                    attempt.round(self.setup.endpoints.len(), self.context(), &self.now())
                 }
                 Decision::Fail(reason) => {
                     self.fail(&job.entry, reason.code, &reason.text);
@@ -255,7 +255,7 @@ impl Worker {
                     text: format!("cannot convert {} to WAV: {e}", job.entry.audio.display()),
                 };
                 let step =
-                    attempt.failed(Outcome::Unconvertible, reason, self.shared(), &self.now());
+                    attempt.failed(Outcome::Unconvertible, reason, self.context(), &self.now());
                 return Posted::Failed(step.next);
             }
         };
@@ -291,7 +291,7 @@ impl Worker {
                 if !self.deliver(job, meta, t, attempt.answered()) {
                     return Posted::Kept;
                 }
-                if attempt.delivered(self.shared()) {
+                if attempt.delivered(self.context()) {
                     tracing::info!("{} answers again", ep.shown);
                     (self.on_state)(false);
                 }
@@ -303,7 +303,7 @@ impl Worker {
                     code: f.code(),
                     text: what.clone(),
                 };
-                let step = attempt.failed(outcome(&f), reason, self.shared(), &self.now());
+                let step = attempt.failed(outcome(&f), reason, self.context(), &self.now());
                 self.tell(meta, ep, &f, &what, step.note);
                 Posted::Failed(step.next)
             }
