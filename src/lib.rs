@@ -25,4 +25,5 @@ pub mod sink;
 pub mod spool;
 pub mod tls;
 pub mod upload;
+pub mod url;
 pub mod vad;
