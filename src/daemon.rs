@@ -16,8 +16,9 @@ use crate::capture::{CaptureError, SAMPLE_RATE, Shared, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, Source as SourceKind};
 
+use crate::bus::Events;
 use crate::codec::EncodeSettings;
-use crate::event::{EventKind, Events, State};
+use crate::event::{EventKind, State};
 use crate::notify::{self, Beat};
 use crate::pipeline::{DspConfig, DspUpdate, Pipeline, Summary};
 use crate::sink::mqtt::{MqttError, MqttSink};

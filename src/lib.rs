@@ -12,6 +12,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bus;
 pub mod capture;
 pub mod cli;
 pub mod cmd;

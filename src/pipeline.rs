@@ -10,9 +10,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::bus::Events;
 use crate::capture::{self, CaptureHandle, Chunk, RingReader, SAMPLE_RATE, Shared, Source};
 use crate::codec::{EncodeSettings, OggOpusWriter};
-use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
+use crate::event::{DropReason, EndReason, EventKind, Stage};
 use crate::spool::{Part, Spool, UtteranceMeta};
 use crate::upload::Submitter;
 use crate::vad::segmenter::{Closed, Segmenter, Settings};

@@ -23,8 +23,9 @@ use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 use rubato::{Fft, FixedSync, Resampler};
 
+use crate::bus::Events;
 use crate::config::ChannelSel;
-use crate::event::{EventKind, Events, Stage};
+use crate::event::{EventKind, Stage};
 
 /// The internal format: mono i16 at this rate.
 pub const SAMPLE_RATE: u32 = 16_000;

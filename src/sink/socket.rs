@@ -711,7 +711,7 @@ fn group_id(name: &str) -> Result<u32, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Events;
+    use crate::bus::Events;
     use crate::sink::SinkQueue;
 
     fn output(path: &Path) -> OutputConfig {

@@ -24,9 +24,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 
+use crate::bus::Events;
 use crate::codec::decode;
 use crate::config::{Chunking, ResponseFormat, TranscribeConfig};
-use crate::event::{DropReason, EventKind, Events, Stage};
+use crate::event::{DropReason, EventKind, Stage};
 use crate::spool::{self, Entry, Spool};
 use client::{Client, Endpoint, Fields, Secret, Upload};
 use retry::Verdict;

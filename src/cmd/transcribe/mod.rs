@@ -23,10 +23,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::bus::Events;
 use crate::capture::{CaptureError, SAMPLE_RATE, Source};
 use crate::cli::{Format, TranscribeArgs};
 use crate::config::Config;
-use crate::event::{EventKind, Events};
+use crate::event::EventKind;
 use crate::pipeline::Pipeline;
 use crate::sink::SinkQueue;
 use crate::spool::{self, Entry, Spool, SpoolError};
