@@ -12,6 +12,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+#![deny(unsafe_code)]
+
 pub mod bus;
 pub mod capture;
 pub mod cli;
@@ -24,6 +26,10 @@ pub mod notify;
 pub mod pipeline;
 pub mod sink;
 pub mod spool;
+/// The C library calls, each behind a small safe function; the only module allowed `unsafe`
+/// besides the ALSA capture loop.
+#[allow(unsafe_code)]
+pub mod sys;
 pub mod tls;
 pub mod upload;
 pub mod url;
