@@ -34,3 +34,7 @@ pub mod tls;
 pub mod upload;
 pub mod url;
 pub mod vad;
+
+/// The module layering, checked over the source files (tests only).
+#[cfg(test)]
+mod layers;
