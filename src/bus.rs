@@ -226,4 +226,37 @@ mod tests {
         assert_eq!(second["reason"], "max_length");
         assert!(second.get("audio").is_none());
     }
+
+    #[test]
+    fn replacing_the_sinks_pauses_and_closing_ends_delivery() {
+        let start = || EventKind::SpeechStart {
+            utterance: "u".into(),
+            offset_ms: 0,
+        };
+        let (queue, rx) = SinkQueue::pair("a", 1);
+        let events = Events::new("d".into(), vec![queue]);
+        assert!(events.emit(start()));
+        // Full: the line is dropped and counted, and nobody took it.
+        assert!(!events.emit(start()));
+        let taken = events.take_queues();
+        assert_eq!(taken.len(), 1);
+        assert!(!events.emit(start()), "paused while the sinks are replaced");
+        let (queue, rx2) = SinkQueue::pair("b", 4);
+        events.set_queues(vec![queue]);
+        assert!(events.emit(start()));
+        let seqs: Vec<u64> = [rx.try_recv(), rx2.try_recv()]
+            .into_iter()
+            .map(|l| l.expect("a line").seq)
+            .collect();
+        // The dropped line was numbered too; the paused emit was not.
+        assert_eq!(seqs, [0, 2]);
+        assert!(events.render(&start()).is_some_and(|l| l.seq == 3));
+        events.close();
+        assert!(!events.emit(start()));
+        assert!(events.render(&start()).is_none());
+        assert!(
+            Events::new("d".into(), Vec::new()).emit(start()),
+            "no sinks: handed over"
+        );
+    }
 }
