@@ -27,7 +27,7 @@
 # Rust toolchain on PATH has no standard library for TARGET (rustup cannot fetch one here), it
 # unpacks Debian's rustc-web (with rustdoc and clippy) and its prebuilt standard library for
 # arm64/armhf into target/cross-rust/ (not installed system-wide; the toolchain on PATH stays the
-# default) and builds with that rustc. hark needs Rust 1.88 for its tests (1.87 to build).
+# default) and builds with that rustc. hark needs Rust 1.89 to build and test.
 #
 # qemu-user runs without `-L`: with it, the cross loader meets the multiarch glibc that
 # libasound2:ARCH pulls in, and any program that starts a thread spins forever.
@@ -90,10 +90,10 @@ if [ "$triple" != arm-unknown-linux-gnueabihf ] &&
     { [ -z "$libdir" ] || ! ls "$libdir"/libstd-*.rlib >/dev/null 2>&1; }; then
     rust_version="$(apt-cache policy rustc-web | awk '/Candidate:/ { print $2 }')"
     if [ -z "$rust_version" ] || [ "$rust_version" = "(none)" ] ||
-        dpkg --compare-versions "$rust_version" lt 1.88; then
+        dpkg --compare-versions "$rust_version" lt 1.89; then
         echo "no Rust standard library for $triple: rustup target add $triple, or enable" \
-            "bookworm-security for Debian's rustc-web 1.88 or later (apt offers" \
-            "'${rust_version:-none}'; hark's tests need 1.88)" >&2
+            "bookworm-security for Debian's rustc-web 1.89 or later (apt offers" \
+            "'${rust_version:-none}'; hark needs 1.89)" >&2
         exit 1
     fi
     root="$target_dir/cross-rust/$rust_version"

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::url;
+
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 const CLI_ORIGIN: &str = "command line (-s)";
 
@@ -396,16 +398,14 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// Hides the userinfo (`user:password@`) of a URL.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..auth_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
+/// Hides the userinfo (`user:password@`) of a URL: [`crate::url::redact`], under the name
+/// callers written before `url` existed still use.
+pub use crate::url::redact as redact_url;
+
+/// Whether an MQTT topic level may hold this text (no wildcards, no NUL): checked for
+/// `output.mqtt.topic_prefix` here and for the device id when the MQTT sink starts.
+pub fn topic_text_ok(s: &str) -> bool {
+    !s.contains(['+', '#', '\0'])
 }
 
 /// Collects validation problems; keys are relative to the current `section`.
@@ -432,11 +432,10 @@ impl Problems {
         }
     }
 
-    fn url(&mut self, name: &str, url: &str, schemes: [&str; 2], empty_ok: bool) {
-        let has_host = |s: &&str| url.strip_prefix(*s).is_some_and(|h| !h.is_empty());
-        if !(empty_ok && url.is_empty() || schemes.iter().any(has_host)) {
+    fn url(&mut self, name: &str, url: &str, kind: url::Kind, empty_ok: bool) {
+        if !(empty_ok && url.is_empty() || url::scheme_ok(url, kind)) {
             let empty = if empty_ok { "be empty or " } else { "" };
-            let ([a, b], got) = (schemes, redact_url(url));
+            let ([a, b], got) = (kind.schemes(), url::redact(url));
             self.fail(
                 name,
                 format!("must {empty}start with {a} or {b}, got {got:?}"),
@@ -590,7 +589,7 @@ impl Config {
 
         p.section = "transcribe";
         let t = &self.transcribe;
-        let http = ["http://", "https://"];
+        let http = url::Kind::Http;
         p.url("endpoint", &t.endpoint, http, false);
         p.range("temperature", t.temperature, 0.0, 1.0);
         p.range("connect_timeout_s", t.connect_timeout_s, 1, 300);
@@ -630,13 +629,13 @@ impl Config {
             p.fail("socket_mode", msg);
         }
         p.range("status_interval_s", o.status_interval_s, 0, 86_400);
-        p.url("mqtt.url", &o.mqtt.url, ["mqtt://", "mqtts://"], true);
+        p.url("mqtt.url", &o.mqtt.url, url::Kind::Mqtt, true);
         if !o.mqtt.url.is_empty()
-            && let Err(why) = crate::sink::mqtt::Broker::parse(&o.mqtt.url)
+            && let Err(why) = url::Broker::parse(&o.mqtt.url)
         {
             p.fail("mqtt.url", why);
         }
-        if !crate::sink::mqtt::topic_text_ok(&o.mqtt.topic_prefix) {
+        if !topic_text_ok(&o.mqtt.topic_prefix) {
             let msg = format!("cannot contain +, # or NUL, got {:?}", o.mqtt.topic_prefix);
             p.fail("mqtt.topic_prefix", msg);
         }
@@ -667,11 +666,11 @@ impl Config {
     /// and `output.mqtt.url`.
     pub fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
-        c.transcribe.endpoint = redact_url(&c.transcribe.endpoint);
+        c.transcribe.endpoint = url::redact(&c.transcribe.endpoint);
         for f in &mut c.transcribe.fallback {
-            f.endpoint = redact_url(&f.endpoint);
+            f.endpoint = url::redact(&f.endpoint);
         }
-        c.output.mqtt.url = redact_url(&c.output.mqtt.url);
+        c.output.mqtt.url = url::redact(&c.output.mqtt.url);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
@@ -821,6 +820,46 @@ mod tests {
         );
         let (origin, _, _) = key_err("[vad]\nmode = 9", &["capture.channels=2"]);
         assert_eq!(origin, "test.toml");
+    }
+
+    #[test]
+    fn urls_are_checked_and_never_quoted_with_their_password() {
+        let msg = |doc: &str| {
+            let (_, key, msg) = key_err(doc, &[]);
+            format!("{key}: {msg}")
+        };
+        assert_eq!(
+            msg("[transcribe]\nendpoint = \"ftp://u:hunter2@h/v1\""),
+            r#"transcribe.endpoint: must start with http:// or https://, got "ftp://***@h/v1""#
+        );
+        assert_eq!(
+            msg("[transcribe]\nendpoint = \"https://\""),
+            r#"transcribe.endpoint: must start with http:// or https://, got "https://""#
+        );
+        assert_eq!(
+            msg("[output.mqtt]\nurl = \"mqtt://\""),
+            r#"output.mqtt.url: must be empty or start with mqtt:// or mqtts://, got "mqtt://""#
+        );
+        assert_eq!(
+            msg("[output.mqtt]\nurl = \"mqtt://hark:hunter2@h:0\""),
+            r#"output.mqtt.url: port must be 1..=65535, got "0""#
+        );
+        assert_eq!(
+            msg("[output.mqtt]\nurl = \"mqtt://h/x\""),
+            "output.mqtt.url: takes no path or query: mqtt://host:port"
+        );
+        assert_eq!(
+            msg("[output.mqtt]\ntopic_prefix = \"a/#\""),
+            r#"output.mqtt.topic_prefix: cannot contain +, # or NUL, got "a/#""#
+        );
+        // Accepted as before: anything after http(s)://, a broker with a bare IPv6 literal.
+        for doc in [
+            "[transcribe]\nendpoint = \"http://h:port/v1\"",
+            "[output.mqtt]\nurl = \"mqtts://u:p%40ss@[::1]/\"",
+            "[output.mqtt]\nurl = \"mqtt://::1:1883\"",
+        ] {
+            parse(doc, &[]).expect(doc);
+        }
     }
 
     #[test]

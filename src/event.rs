@@ -1,17 +1,15 @@
-//! The one event type hark emits, serialized once and fanned out to every sink.
+//! The event schema: every event hark emits, its fields, and its serialisation as one JSON line.
 //!
 //! Every event is a JSON object on one line with `v`, `type`, `device`, `seq` and `time`, followed by
-//! the fields of its type (the README's "Events" section). This module does not know where events go: it
-//! hands the same bytes to each sink's bounded queue and never waits for a sink.
+//! the fields of its type (the README's "Events" section). The types of a transcript's `segments`
+//! and `words` live here too: the upload stage parses servers' answers into them.
+//! Deliberately not here: numbering events and handing them to the sinks (`crate::bus`), and the
+//! sinks themselves (`crate::sink`). This module imports nothing else of hark's.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::Serialize;
-
-use crate::sink::SinkQueue;
-use crate::upload::response::{Segment, Word};
 
 /// Why an utterance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -59,6 +57,24 @@ pub enum State {
     Online,
     Offline,
     Degraded,
+}
+
+/// One timed stretch of the transcript (a verbose/diarized JSON segment or an SRT/VTT cue).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Segment {
+    pub start: f64,
+    pub end: f64,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speaker: Option<String>,
+}
+
+/// One timed word (verbose_json with `timestamp_granularities[]=word`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Word {
+    pub word: String,
+    pub start: f64,
+    pub end: f64,
 }
 
 /// The fields of each event type. Serialized flat into the event object after the common fields.
@@ -166,136 +182,34 @@ pub struct Line {
     pub text: Option<Arc<str>>,
 }
 
-/// Hands events to the sinks. Cheap to clone; every stage holds one.
-#[derive(Clone)]
-pub struct Events {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    device: String,
-    seq: AtomicU64,
-    closed: AtomicBool,
-    /// The sinks are being replaced (SIGHUP): nothing is handed over meanwhile.
-    paused: AtomicBool,
-    /// Held while numbering and queueing, so that `seq` order is delivery order on every sink.
-    queues: Mutex<Vec<SinkQueue>>,
-}
-
-impl Events {
-    pub fn new(device: String, queues: Vec<SinkQueue>) -> Events {
-        Events {
-            inner: Arc::new(Inner {
-                device,
-                seq: AtomicU64::new(0),
-                closed: AtomicBool::new(false),
-                paused: AtomicBool::new(false),
-                queues: Mutex::new(queues),
-            }),
-        }
-    }
-
-    pub fn device(&self) -> &str {
-        &self.inner.device
-    }
-
-    /// Serialize `kind` once and offer it to every sink without blocking. Returns whether it
-    /// was handed over: at least one sink took it, or there are no sinks at all. `false` after
-    /// [`Events::close`], or when every sink refused it (full or gone).
-    pub fn emit(&self, kind: EventKind) -> bool {
-        let mut queues = match self.inner.queues.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if self.inner.closed.load(Ordering::Relaxed) || self.inner.paused.load(Ordering::Relaxed) {
-            return false;
-        }
-        let Some(line) = self.serialize(&kind) else {
-            return false;
-        };
-        let mut taken = queues.is_empty();
-        for queue in queues.iter_mut() {
-            taken |= queue.offer(&line);
-        }
-        taken
-    }
-
-    /// Number and serialize an event without handing it to the sinks: the first line for one
-    /// new reader (a socket client's `status`). `None` after [`Events::close`].
-    ///
-    /// The caller may hold a lock that its sink's `write` also takes: this takes the events
-    /// lock, which `emit` holds only while offering lines to queues (never while a sink writes).
-    pub fn render(&self, kind: &EventKind) -> Option<Line> {
-        let _queues = match self.inner.queues.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if self.inner.closed.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.serialize(kind)
-    }
-
-    /// Called with the events lock held, so that `seq` order is queueing order.
-    fn serialize(&self, kind: &EventKind) -> Option<Line> {
-        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+impl Line {
+    /// `kind` as event number `seq` of `device`, stamped `time`: the `v`, `type`, `device`, `seq`
+    /// and `time` fields first, then the fields of its type.
+    pub fn serialize(
+        kind: &EventKind,
+        device: &str,
+        seq: u64,
+        time: SystemTime,
+    ) -> Result<Line, serde_json::Error> {
         let envelope = Envelope {
             v: 1,
             kind_name: kind.name(),
-            device: &self.inner.device,
+            device,
             seq,
-            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            time: humantime::format_rfc3339_millis(time).to_string(),
             kind,
         };
-        let json = match serde_json::to_string(&envelope) {
-            Ok(json) => json,
-            // Serializing plain structs of strings and numbers cannot fail; log rather than panic.
-            Err(e) => {
-                tracing::error!("cannot serialize a {} event: {e}", kind.name());
-                return None;
-            }
-        };
+        let json = serde_json::to_string(&envelope)?;
         let text = match kind {
             EventKind::Transcript { text, .. } => Some(Arc::from(text.as_str())),
             _ => None,
         };
-        Some(Line {
+        Ok(Line {
             kind: kind.name(),
             seq,
             json: json.into(),
             text,
         })
-    }
-
-    /// Take the sink queues out to replace the sinks (SIGHUP); until [`Events::set_queues`],
-    /// events are not handed to anyone (`emit` returns `false`, so transcripts are kept).
-    pub fn take_queues(&self) -> Vec<SinkQueue> {
-        let mut queues = match self.inner.queues.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        self.inner.paused.store(true, Ordering::Relaxed);
-        std::mem::take(&mut *queues)
-    }
-
-    /// Install new sink queues after [`Events::take_queues`].
-    pub fn set_queues(&self, new: Vec<SinkQueue>) {
-        let mut queues = match self.inner.queues.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *queues = new;
-        self.inner.paused.store(false, Ordering::Relaxed);
-    }
-
-    /// Close every sink queue; the sink threads drain what they hold and end.
-    pub fn close(&self) {
-        let mut queues = match self.inner.queues.lock() {
-            Ok(q) => q,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        self.inner.closed.store(true, Ordering::Relaxed);
-        queues.clear();
     }
 }
 
@@ -304,36 +218,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn common_fields_come_first_and_type_specific_fields_follow() {
-        let (queue, rx) = SinkQueue::pair("test", 4);
-        let events = Events::new("kiosk-1".into(), vec![queue]);
-        events.emit(EventKind::SpeechStart {
+    fn a_line_has_the_common_fields_first_then_its_own() {
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        let kind = EventKind::Transcript {
             utterance: "u1".into(),
-            offset_ms: 1200,
-        });
-        events.emit(EventKind::SpeechEnd {
-            utterance: "u1".into(),
-            offset_ms: 1200,
+            offset_ms: 5,
+            text: "hello".into(),
             duration_ms: 900,
-            reason: EndReason::MaxLength,
-            audio: None,
-        });
-        let first = rx.recv().unwrap();
-        assert!(
-            first
-                .json
-                .starts_with(r#"{"v":1,"type":"speech_start","device":"kiosk-1","seq":0,"time":""#),
-            "{}",
-            first.json
+            language: None,
+            segments: vec![Segment {
+                start: 0.0,
+                end: 0.5,
+                text: "hello".into(),
+                speaker: None,
+            }],
+            words: Vec::new(),
+            logprobs: None,
+            usage: None,
+            model: "m".into(),
+            endpoint: "https://h/v1".into(),
+            attempts: 1,
+            latency_ms: 40,
+        };
+        let line = Line::serialize(&kind, "kiosk-1", 7, time).unwrap();
+        assert_eq!(
+            (line.kind, line.seq, line.text.as_deref()),
+            ("transcript", 7, Some("hello"))
         );
-        assert!(
-            first
-                .json
-                .ends_with(r#""utterance":"u1","offset_ms":1200}"#)
+        assert_eq!(
+            &*line.json,
+            concat!(
+                r#"{"v":1,"type":"transcript","device":"kiosk-1","seq":7,"#,
+                r#""time":"2023-11-14T22:13:20.123Z","utterance":"u1","offset_ms":5,"#,
+                r#""text":"hello","duration_ms":900,"#,
+                r#""segments":[{"start":0.0,"end":0.5,"text":"hello"}],"#,
+                r#""model":"m","endpoint":"https://h/v1","attempts":1,"latency_ms":40}"#
+            )
         );
-        let second: serde_json::Value = serde_json::from_str(&rx.recv().unwrap().json).unwrap();
-        assert_eq!(second["seq"], 1);
-        assert_eq!(second["reason"], "max_length");
-        assert!(second.get("audio").is_none());
+        let status = EventKind::Status {
+            state: State::Degraded,
+            overruns: 0,
+            spool_pending: 2,
+            spool_bytes: 3,
+            events_dropped: 4,
+            uptime_s: 5,
+        };
+        let line = Line::serialize(&status, "d", 0, time).unwrap();
+        assert!(line.text.is_none());
+        assert!(line.json.ends_with(r#""state":"degraded","overruns":0,"spool_pending":2,"spool_bytes":3,"events_dropped":4,"uptime_s":5}"#), "{}", line.json);
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use crate::event::Events;
+use crate::bus::Events;
 use crate::event::{EventKind, State};
 use crate::notify::{self, Beat};
 use crate::pipeline::{PipelineHealth, Probe};

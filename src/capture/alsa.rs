@@ -29,10 +29,15 @@ pub const NAME: &str = "alsa";
 type LocalErrorHandler =
     unsafe extern "C" fn(*const c_char, c_int, *const c_char, c_int, *const c_char, *mut c_void);
 
+// `unsafe` allowed: the `alsa` crate has no binding for alsa-lib's per-thread error handler, so
+// hark declares it and hands it a handler that does nothing (see `quiet_alsa_lib`).
+#[allow(unsafe_code)]
 unsafe extern "C" {
     fn snd_lib_error_set_local(handler: Option<LocalErrorHandler>) -> Option<LocalErrorHandler>;
 }
 
+// `unsafe` allowed: a C callback for alsa-lib is an `unsafe extern "C" fn`; it touches nothing.
+#[allow(unsafe_code)]
 unsafe extern "C" fn ignore_alsa_lib_error(
     _file: *const c_char,
     _line: c_int,
@@ -46,6 +51,8 @@ unsafe extern "C" fn ignore_alsa_lib_error(
 /// Stop alsa-lib printing its own errors to stderr on this thread. A missing card makes it print
 /// eight lines per failed open, every retry, for as long as the microphone is unplugged; hark
 /// reports the same failure once per attempt as an `error` event and a log line.
+// `unsafe` allowed: installing the error-handler hook above (a foreign call).
+#[allow(unsafe_code)]
 pub fn quiet_alsa_lib() {
     // SAFETY: sets a thread-local function pointer in alsa-lib; the handler does nothing.
     unsafe {
@@ -224,7 +231,10 @@ impl Source for AlsaSource {
                 source: e,
             });
         }
+        // `unsafe` allowed: this is the capture hot loop, and `io_unchecked` skips the per-period
+        // format check that allocates (see "Why `io_unchecked`" above).
         // SAFETY: the format was verified as S16_LE in `open`, and this is the only IO object.
+        #[allow(unsafe_code)]
         let io = unsafe { pcm.io_unchecked::<i16>() };
         match io.readi(&mut self.buf) {
             Ok(frames) => {

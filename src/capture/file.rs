@@ -498,9 +498,7 @@ mod tests {
     fn compressed_files_through_a_fifo_are_decoded() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("in.fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        crate::sys::mkfifo(&fifo, 0o600).unwrap();
         // Ogg/Opus from hark's own writer, 0.5 s.
         let settings = crate::codec::EncodeSettings {
             bitrate: 24_000,

@@ -24,8 +24,9 @@ use ringbuf::{HeapCons, HeapProd, HeapRb};
 use rubato::{Fft, FixedSync, Resampler};
 
 use crate::backoff;
+use crate::bus::Events;
 use crate::config::ChannelSel;
-use crate::event::{EventKind, Events, Stage};
+use crate::event::{EventKind, Stage};
 
 /// The internal format: mono i16 at this rate.
 pub const SAMPLE_RATE: u32 = 16_000;

@@ -7,6 +7,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::sys;
+
 /// The priority asked for by default: above ordinary threads, below the audio servers' and the
 /// kernel's own threaded IRQs (50).
 pub const DEFAULT_PRIORITY: u32 = 10;
@@ -24,43 +26,22 @@ pub fn choose_priority(want: u32, rlimit: Option<u64>) -> u32 {
     }
 }
 
-/// The soft `RLIMIT_RTPRIO`, `None` when unlimited or unknown.
-fn rtprio_limit() -> Option<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_RTPRIO, &mut lim) } != 0
-        || lim.rlim_cur == libc::RLIM_INFINITY
-    {
-        return None;
-    }
-    // rlim_t is 32 bits on 32-bit ARM.
-    #[allow(clippy::unnecessary_cast)]
-    let cur = lim.rlim_cur as u64;
-    Some(cur)
-}
-
 /// Move the calling thread to SCHED_FIFO at `want` (capped by RLIMIT_RTPRIO); 0 does nothing.
 /// Logs the outcome: info on success, one warning per process on failure. Never fails.
 pub fn promote_current_thread(want: u32) {
     if want == 0 {
         return;
     }
-    let priority = choose_priority(want, rtprio_limit());
-    let param = libc::sched_param {
-        sched_priority: i32::try_from(priority).unwrap_or(i32::MAX),
-    };
-    // SAFETY: pthread_self() is the calling thread; the param struct lives across the call.
-    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
-    if rc == 0 {
-        tracing::info!("capture thread runs at realtime priority {priority} (SCHED_FIFO)");
-    } else if !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "{}",
-            denied_hint(priority, std::io::Error::from_raw_os_error(rc))
-        );
+    let priority = choose_priority(want, sys::rtprio_limit());
+    match sys::set_current_thread_fifo(i32::try_from(priority).unwrap_or(i32::MAX)) {
+        Ok(()) => {
+            tracing::info!("capture thread runs at realtime priority {priority} (SCHED_FIFO)");
+        }
+        Err(e) => {
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!("{}", denied_hint(priority, e));
+            }
+        }
     }
 }
 

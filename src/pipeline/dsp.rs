@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::history::History;
 use super::{DspConfig, DspUpdate, Summary};
+use crate::bus::Events;
 use crate::capture::{Chunk, RingReader, SAMPLE_RATE, Shared};
 use crate::codec::{EncodeError, OggOpusWriter};
-use crate::event::{DropReason, EndReason, EventKind, Events, Stage};
+use crate::event::{DropReason, EndReason, EventKind, Stage};
 use crate::spool::{Entry, Part, Spool, UtteranceMeta};
 use crate::vad::segmenter::{Closed, Segmenter, Settings};
 use crate::vad::{self, Vad};

@@ -12,10 +12,10 @@ use std::thread::{self, JoinHandle};
 mod dsp;
 mod history;
 
+use crate::bus::Events;
 use crate::capture::{self, CaptureHandle, SAMPLE_RATE, Shared, Source};
 use crate::codec::EncodeSettings;
 use crate::config::Config;
-use crate::event::Events;
 use crate::spool::Spool;
 use crate::upload::Submitter;
 use crate::vad::segmenter::Settings;

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::SIGHUP;
 
+use crate::bus::Events;
 use crate::capture::{CaptureError, Source};
 use crate::config::Config;
-use crate::event::Events;
 use crate::health::Health;
 use crate::notify;
 use crate::pipeline::{self, DspConfig, DspUpdate, Pipeline, Probe, Summary};

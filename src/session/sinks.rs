@@ -4,8 +4,8 @@
 use std::sync::mpsc::Sender;
 
 use super::{Control, StartError};
+use crate::bus::Events;
 use crate::config::Config;
-use crate::event::Events;
 use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
 use crate::sink::{self, SinkHandle, SinkQueue, stdout::StdoutSink};

@@ -9,13 +9,15 @@ pub mod socket;
 pub mod stdout;
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::event::{EventKind, Events, Line, Stage};
+use crate::bus::Events;
+/// The queues' sending side and the drop count live with the bus that feeds them.
+pub use crate::bus::{Dropped, SinkQueue};
+use crate::event::{EventKind, Line, Stage};
 
 /// Events waiting for one sink before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -33,20 +35,6 @@ pub trait Sink: Send + 'static {
     /// Periodic work between lines (a backend's own queue after a reconnect).
     fn tick(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// Lines lost by every sink together (queues full, a slow socket client, MQTT's queue overflowing):
-/// reported as `events_dropped` in `status` events.
-#[derive(Clone, Default)]
-pub struct Dropped(Arc<AtomicU64>);
-
-impl Dropped {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -72,53 +60,6 @@ impl Reporter {
                 message,
                 retrying,
             });
-        }
-    }
-}
-
-/// The sending side of one sink's bounded queue.
-pub struct SinkQueue {
-    name: &'static str,
-    tx: SyncSender<Line>,
-    dropped: Dropped,
-    warned: bool,
-}
-
-impl SinkQueue {
-    /// A queue and its receiving end, for a sink thread or a test.
-    pub fn pair(name: &'static str, capacity: usize) -> (SinkQueue, Receiver<Line>) {
-        Self::counted(name, capacity, Dropped::default())
-    }
-
-    fn counted(
-        name: &'static str,
-        capacity: usize,
-        dropped: Dropped,
-    ) -> (SinkQueue, Receiver<Line>) {
-        let (tx, rx) = mpsc::sync_channel(capacity);
-        let queue = SinkQueue {
-            name,
-            tx,
-            dropped,
-            warned: false,
-        };
-        (queue, rx)
-    }
-
-    /// Queue a line without waiting; a full queue drops it and counts.
-    /// Whether the sink took the line.
-    pub fn offer(&mut self, line: &Line) -> bool {
-        match self.tx.try_send(line.clone()) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.dropped.add(1);
-                if !std::mem::replace(&mut self.warned, true) {
-                    tracing::warn!("sink {} is not keeping up; dropping its events", self.name);
-                }
-                false
-            }
-            // The sink stopped (it logged why); nothing more to do.
-            Err(TrySendError::Disconnected(_)) => false,
         }
     }
 }
@@ -151,7 +92,7 @@ impl Drop for SinkHandle {
 /// Called once when a sink stops by itself (its error), not when hark closes it.
 pub type OnEnd = Box<dyn FnOnce(&'static str, io::Error) + Send>;
 
-/// Start a sink's thread; returns the queue to hand to [`crate::event::Events`]. Lines its queue
+/// Start a sink's thread; returns the queue to hand to [`crate::bus::Events`]. Lines its queue
 /// drops are counted in `dropped`.
 pub fn spawn(
     mut sink: Box<dyn Sink>,

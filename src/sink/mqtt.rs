@@ -27,8 +27,9 @@ use rumqttc::{
 };
 
 use super::{Dropped, Reporter, Sink};
-use crate::config::MqttConfig;
+use crate::config::{MqttConfig, topic_text_ok};
 use crate::event::Line;
+use crate::url::{self, Broker};
 pub use outbox::{OFFLINE, Outbox, Topics, node_id};
 
 pub const NAME: &str = "mqtt";
@@ -67,129 +68,6 @@ pub enum MqttError {
     Topic { key: &'static str, value: String },
     #[error("cannot start the MQTT connection thread: {0}")]
     Start(io::Error),
-}
-
-/// Where the broker is, from `mqtt://[user[:password]@]host[:port]` (port 1883) or `mqtts://...`
-/// (8883). The user and password are percent-decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broker {
-    pub tls: bool,
-    /// A name, an IPv4 address, or an IPv6 address in brackets.
-    pub host: String,
-    pub port: u16,
-    pub user: Option<String>,
-    pub password: Option<Password>,
-}
-
-/// A password, never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// `%XX` escapes decoded; `None` if one is malformed or the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-impl Broker {
-    /// The reasons for an error never quote the URL, which may hold a password.
-    pub fn parse(url: &str) -> Result<Broker, String> {
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest)
-        } else {
-            return Err("must start with mqtt:// or mqtts://".into());
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#']) {
-            return Err("takes no path or query: mqtt://host:port".into());
-        }
-        let (userinfo, rest) = match rest.rsplit_once('@') {
-            Some((u, r)) => (Some(u), r),
-            None => (None, rest),
-        };
-        let (user, password) = match userinfo {
-            None => (None, None),
-            Some(u) => {
-                let (user, password) = match u.split_once(':') {
-                    Some((user, pw)) => (user, Some(pw)),
-                    None => (u, None),
-                };
-                let bad = || "has a malformed %-escape in its user or password".to_owned();
-                let user = percent_decode(user).ok_or_else(bad)?;
-                let password = match password {
-                    Some(pw) => Some(Password(percent_decode(pw).ok_or_else(bad)?)),
-                    None => None,
-                };
-                (Some(user).filter(|u| !u.is_empty()), password)
-            }
-        };
-        let (host, port) = if rest.starts_with('[') {
-            match rest.find(']') {
-                Some(end) => (&rest[..=end], rest[end + 1..].strip_prefix(':')),
-                None => return Err("an IPv6 address needs its closing ]".into()),
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (rest, None),
-            }
-        };
-        if host.is_empty() || host == "[]" {
-            return Err("has no host".into());
-        }
-        let port = match port {
-            None => {
-                if tls {
-                    8883
-                } else {
-                    1883
-                }
-            }
-            Some(p) => match p.parse::<u16>() {
-                Ok(p) if p > 0 => p,
-                _ => return Err(format!("port must be 1..=65535, got {p:?}")),
-            },
-        };
-        Ok(Broker {
-            tls,
-            host: host.to_owned(),
-            port,
-            user,
-            password,
-        })
-    }
-}
-
-impl std::fmt::Display for Broker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
-    }
-}
-
-/// Whether a topic level may hold this text (no wildcards, no NUL).
-pub fn topic_text_ok(s: &str) -> bool {
-    !s.contains(['+', '#', '\0'])
 }
 
 fn qos(level: u32) -> QoS {
@@ -264,7 +142,7 @@ impl MqttSink {
         reporter: Reporter,
     ) -> Result<MqttSink, MqttError> {
         let broker = Broker::parse(&config.url).map_err(|why| MqttError::Url {
-            url: crate::config::redact_url(&config.url),
+            url: url::redact(&config.url),
             why,
         })?;
         for (key, value) in [
@@ -310,7 +188,7 @@ impl MqttSink {
         if let Some((user, file)) = &login {
             let password = match (file, &broker.password) {
                 (Some(path), _) => read_password(path)?,
-                (None, Some(Password(password))) => password.clone(),
+                (None, Some(password)) => password.expose().to_owned(),
                 (None, None) => String::new(),
             };
             options.set_credentials(user.clone(), password);
@@ -714,47 +592,6 @@ fn apply(outbox: &mut Outbox, event: &Event) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        let b = |url: &str| Broker::parse(url);
-        assert_eq!(
-            b("mqtt://broker.lan").unwrap(),
-            Broker {
-                tls: false,
-                host: "broker.lan".into(),
-                port: 1883,
-                user: None,
-                password: None,
-            }
-        );
-        let with_login = b("mqtts://hark:p%40ss%3Aword@broker:8884").unwrap();
-        assert_eq!(with_login.user.as_deref(), Some("hark"));
-        assert_eq!(with_login.password, Some(Password("p@ss:word".into())));
-        assert_eq!(with_login.to_string(), "mqtts://broker:8884");
-        assert!(!format!("{with_login:?}").contains("p@ss"));
-        assert_eq!(b("mqtt://hark@broker").unwrap().password, None);
-        assert_eq!(b("mqtts://10.0.0.2/").unwrap().port, 8883);
-        assert_eq!(b("mqtts://10.0.0.2:8884").unwrap().port, 8884);
-        let v6 = b("mqtt://[::1]:1884").unwrap();
-        assert_eq!((v6.host.as_str(), v6.port), ("[::1]", 1884));
-        assert_eq!(b("mqtt://[::1]").unwrap().port, 1883);
-        assert_eq!(v6.to_string(), "mqtt://[::1]:1884");
-        for bad in [
-            "http://x",
-            "mqtt://",
-            "mqtt://:1883",
-            "mqtt://h:0",
-            "mqtt://h:port",
-            "mqtt://h:1883/topic",
-            "mqtt://u:pw%zz@h",
-            "mqtt://[::1",
-        ] {
-            assert!(b(bad).is_err(), "{bad}");
-        }
-        let e = b("mqtt://u:hunter2@h:x").unwrap_err();
-        assert!(!e.contains("hunter2"), "{e}");
-    }
 
     #[test]
     fn failures_are_classified_for_error_events() {

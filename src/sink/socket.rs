@@ -13,11 +13,11 @@
 //! lines counted and reported with an `error` event. There is no request protocol, no history and
 //! no authentication beyond the file's mode and group.
 
-use std::ffi::CString;
+use std::ffi::c_short;
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use super::{Dropped, Reporter, Sink};
 use crate::config::OutputConfig;
 use crate::event::{EventKind, Line};
+use crate::sys;
 
 pub const NAME: &str = "socket";
 
@@ -204,7 +205,7 @@ impl Shared {
     /// numbered after that status and none before.
     fn admit(&self, stream: UnixStream) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let label = match peer_pid(&stream) {
+        let label = match sys::peer_pid(stream.as_raw_fd()) {
             Some(pid) => format!("client {id} (pid {pid})"),
             None => format!("client {id}"),
         };
@@ -466,17 +467,17 @@ fn serve(stream: UnixStream, rx: &Receiver<Arc<str>>) -> io::Result<()> {
 fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Shared) {
     loop {
         let ready = shared.status.ready();
-        let mut fds = vec![pollfd(wake.as_raw_fd(), libc::POLLIN)];
+        let mut fds = vec![sys::pollfd(wake.as_raw_fd(), sys::POLLIN)];
         let mut ids = Vec::new();
         if ready {
-            fds.push(pollfd(listener.as_raw_fd(), libc::POLLIN));
+            fds.push(sys::pollfd(listener.as_raw_fd(), sys::POLLIN));
             for c in shared.clients().iter() {
-                fds.push(pollfd(c.stream.as_raw_fd(), 0));
+                fds.push(sys::pollfd(c.stream.as_raw_fd(), 0));
                 ids.push(c.id);
             }
         }
-        match poll(&mut fds, -1) {
-            Ok(()) => {}
+        match sys::poll(&mut fds, -1) {
+            Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 tracing::error!("socket: poll failed: {e}; no more clients are accepted");
@@ -529,15 +530,15 @@ fn accept_all(listener: &UnixListener, shared: &Shared) {
 }
 
 /// What `poll` reports, asked or not, for a client that closed its end.
-const HUNG_UP: libc::c_short = libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+const HUNG_UP: c_short = sys::POLLHUP | sys::POLLERR | sys::POLLNVAL;
 
 /// Drop the clients whose peer closed its end, without waiting.
 fn forget_hung_up(clients: &mut Vec<Client>) {
-    let mut fds: Vec<libc::pollfd> = clients
+    let mut fds: Vec<sys::PollFd> = clients
         .iter()
-        .map(|c| pollfd(c.stream.as_raw_fd(), 0))
+        .map(|c| sys::pollfd(c.stream.as_raw_fd(), 0))
         .collect();
-    if poll(&mut fds, 0).is_err() {
+    if sys::poll(&mut fds, 0).is_err() {
         return;
     }
     let mut gone = fds.iter().map(|fd| fd.revents & HUNG_UP != 0);
@@ -549,25 +550,6 @@ fn forget_hung_up(clients: &mut Vec<Client>) {
         }
         !hung_up
     });
-}
-
-/// poll(2) on `fds`, `timeout_ms` as poll takes it (-1: no limit).
-fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<()> {
-    let nfds = libc::nfds_t::try_from(fds.len()).map_err(io::Error::other)?;
-    // SAFETY: `fds` is a live, initialised array of `nfds` pollfd structs.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds, timeout_ms) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
 }
 
 fn wake(waker: &UnixStream) {
@@ -651,67 +633,24 @@ fn describe(t: fs::FileType) -> &'static str {
     }
 }
 
-/// The process id of the peer of `stream` (SO_PEERCRED), for log lines.
-fn peer_pid(stream: &UnixStream) -> Option<i32> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: `cred` and `len` are live and `len` is the size of `cred`.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid)
-}
-
-/// Resolve a group name with getgrnam_r; a name that is no group but a number is taken as a gid.
+/// Resolve a group name; a name that is no group but a number is taken as a gid.
 fn group_id(name: &str) -> Result<u32, SocketError> {
-    let unknown = || SocketError::UnknownGroup(name.to_owned());
-    let cname = CString::new(name).map_err(|_| unknown())?;
-    let mut buf = vec![0u8; 1024];
-    loop {
-        // SAFETY: `group` is plain old data; getgrnam_r fills it in.
-        let mut group: libc::group = unsafe { std::mem::zeroed() };
-        let mut found: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: every pointer is live for the call, and `buf.len()` is the buffer's size.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut group,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &mut found,
-            )
-        };
-        if rc == libc::ERANGE && buf.len() < 1 << 20 {
-            buf.resize(buf.len() * 2, 0);
-            continue;
-        }
-        if rc == 0 && !found.is_null() {
-            return Ok(group.gr_gid);
-        }
-        if rc != 0 && rc != libc::ENOENT {
-            return Err(SocketError::GroupLookup {
-                name: name.to_owned(),
-                source: io::Error::from_raw_os_error(rc),
-            });
-        }
-        return name.parse::<u32>().map_err(|_| unknown());
+    match sys::group_id(name) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => name
+            .parse::<u32>()
+            .map_err(|_| SocketError::UnknownGroup(name.to_owned())),
+        Err(source) => Err(SocketError::GroupLookup {
+            name: name.to_owned(),
+            source,
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::Events;
+    use crate::bus::Events;
     use crate::sink::SinkQueue;
 
     fn output(path: &Path) -> OutputConfig {

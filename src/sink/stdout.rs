@@ -14,6 +14,7 @@ use std::time::Duration;
 use super::Sink;
 use crate::config::OutputFormat;
 use crate::event::Line;
+use crate::sys;
 
 pub const NAME: &str = "stdout";
 
@@ -61,15 +62,11 @@ impl Sink for StdoutSink {
     /// `EPIPE` when the pipe's reader closed its end (or the socket's peer hung up).
     fn tick(&mut self) -> io::Result<()> {
         let stdout = io::stdout();
-        let mut fd = libc::pollfd {
-            fd: stdout.as_fd().as_raw_fd(),
-            // Nothing asked for: only POLLERR (a pipe without reader) and POLLHUP come back.
-            events: 0,
-            revents: 0,
-        };
-        // SAFETY: one live pollfd; a zero timeout never blocks.
-        let n = unsafe { libc::poll(&mut fd, 1, 0) };
-        if n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        // Nothing asked for: only POLLERR (a pipe without reader) and POLLHUP come back.
+        let mut fds = [sys::pollfd(stdout.as_fd().as_raw_fd(), 0)];
+        // A zero timeout never blocks; a failed poll says nothing about the reader.
+        let ready = sys::poll(&mut fds, 0).unwrap_or(0);
+        if ready > 0 && fds[0].revents & (sys::POLLERR | sys::POLLHUP) != 0 {
             return Err(io::Error::from(io::ErrorKind::BrokenPipe));
         }
         Ok(())

@@ -101,7 +101,7 @@ pub struct Spool {
     /// Utterances and bytes in the spool, kept up to date by this process's own writes and
     /// deletions, so the cap and status need no directory scan.
     usage: Mutex<(u64, u64)>,
-    /// `.lock`, held (flock) while this process owns the spool.
+    /// `.lock`, held (an exclusive `File::try_lock`, flock on Linux) while this process owns the spool.
     _lock: File,
 }
 
@@ -371,7 +371,6 @@ impl Spool {
 
 /// Take the spool's lock, or say that another process holds it.
 fn lock(dir: &Path) -> Result<File, SpoolError> {
-    use std::os::fd::AsRawFd;
     let path = dir.join(".lock");
     let file = fs::OpenOptions::new()
         .create(true)
@@ -382,18 +381,15 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
             path: path.clone(),
             source,
         })?;
-    // SAFETY: flock(2) on a descriptor this function owns; released when the file is closed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::WouldBlock {
-            return Err(SpoolError::Busy {
-                path: dir.to_owned(),
-            });
-        }
-        return Err(SpoolError::File { path, source: e });
+    // flock(2) on Linux, as hark always took it: released when the file is closed, and seen by
+    // older hark processes too.
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::Busy {
+            path: dir.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(source)) => Err(SpoolError::File { path, source }),
     }
-    Ok(file)
 }
 
 /// Read an utterance's metadata.

@@ -17,6 +17,7 @@ use super::response::{self, ApiError, MAX_BODY, Transcript};
 use super::retry::RetryHeaders;
 use super::sse::{Stream, StreamError};
 use crate::config::ResponseFormat;
+use crate::url;
 
 /// An API key. Never printed.
 #[derive(Clone)]
@@ -62,28 +63,27 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn new(base: &str, model: String, key: Option<Secret>) -> Endpoint {
-        let (path, query) = match base.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (base, None),
-        };
-        let path = path.trim_end_matches('/');
+        let parts = url::split(base);
+        let path = parts.path.trim_end_matches('/');
         // A base that already names the route (whisper.cpp's `/inference`) is used as it is.
-        let mut url = if path.ends_with("/audio/transcriptions") || path.ends_with("/inference") {
-            path.to_owned()
+        let route = if path.ends_with("/audio/transcriptions") || path.ends_with("/inference") {
+            ""
         } else {
-            format!("{path}/audio/transcriptions")
+            "/audio/transcriptions"
         };
-        if let Some(q) = query {
-            url.push('?');
-            url.push_str(q);
+        // The query stays after the route; a fragment is never sent.
+        let mut request = format!("{}{path}{route}", parts.origin);
+        if let Some(q) = parts.query {
+            request.push('?');
+            request.push_str(q);
         }
-        let host = host_of(base).to_ascii_lowercase();
+        let host = parts.host.to_ascii_lowercase();
         let azure = path.contains("/openai/deployments/")
             || host.ends_with(".openai.azure.com")
             || host.ends_with(".cognitiveservices.azure.com");
         Endpoint {
-            url,
-            shown: crate::config::redact_url(base),
+            url: request,
+            shown: url::redact(base),
             model,
             key,
             auth: if azure { Auth::ApiKey } else { Auth::Bearer },
@@ -117,32 +117,8 @@ impl Endpoint {
     }
 }
 
-/// Whether a URL's host is a loopback address, where a key over plain HTTP never leaves the machine.
-pub fn is_loopback(url: &str) -> bool {
-    let host = host_of(url);
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.eq_ignore_ascii_case("localhost") {
-        return true;
-    }
-    host.parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// The `host[:port]` of an `http(s)://` URL, without userinfo.
-pub(crate) fn authority(url: &str) -> &str {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    authority.rsplit_once('@').map_or(authority, |(_, h)| h)
-}
-
-/// The host part of an `http(s)://` URL (without userinfo and port).
-pub(crate) fn host_of(url: &str) -> &str {
-    let hostport = authority(url);
-    if hostport.starts_with('[') {
-        return hostport.find(']').map_or(hostport, |i| &hostport[..=i]);
-    }
-    hostport.split(':').next().unwrap_or("")
-}
+// Callers of the URL helpers written before `crate::url` existed name them here.
+pub use crate::url::{authority, host_of, is_loopback};
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -470,29 +446,13 @@ mod tests {
         assert_eq!(wcpp.url, "http://10.0.0.5:8080/inference");
         let slash = Endpoint::new("http://h:8000/v1/", "m".into(), None);
         assert_eq!(slash.url, "http://h:8000/v1/audio/transcriptions");
-    }
-
-    #[test]
-    fn loopback_hosts_are_recognised() {
-        for url in [
-            "http://127.0.0.1:8000/v1",
-            "http://127.3.4.5/v1",
-            "http://localhost/v1",
-            "http://[::1]:9000/v1",
-            "http://[::1]",
-            "http://user:pw@127.0.0.1/v1",
-        ] {
-            assert!(is_loopback(url), "{url}");
-        }
-        for url in [
-            "http://10.0.0.1/v1",
-            "http://example.com/v1",
-            "http://127.0.0.1.example.com/v1",
-            "http://[fe80::1]/v1",
-            "http://[é",
-        ] {
-            assert!(!is_loopback(url), "{url}");
-        }
+        let bare = Endpoint::new("http://[::1]:8000?x=1", "m".into(), None);
+        assert_eq!(bare.url, "http://[::1]:8000/audio/transcriptions?x=1");
+        let login = Endpoint::new("https://u:pw@h/v1/?v=1#top", "m".into(), None);
+        assert_eq!(login.url, "https://u:pw@h/v1/audio/transcriptions?v=1");
+        assert_eq!(login.shown, "https://***@h/v1/?v=1#top");
+        let cognitive = Endpoint::new("https://R.CognitiveServices.Azure.com/x", "m".into(), None);
+        assert_eq!(cognitive.auth(), Auth::ApiKey);
     }
 
     #[test]

@@ -18,9 +18,10 @@ mod queue;
 pub mod response;
 pub mod retry;
 pub mod sse;
+mod uploader;
 mod worker;
 
-pub use queue::Uploader;
+pub use uploader::Uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -12,6 +12,7 @@
 //! normalisation is done beyond trimming, tag stripping in cues and joining cue lines.
 
 use crate::config::ResponseFormat;
+use crate::event::{Segment, Word};
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 
@@ -31,24 +32,6 @@ pub struct Transcript {
     pub usage: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<serde_json::Value>,
-}
-
-/// One timed stretch of the transcript (a verbose/diarized JSON segment or an SRT/VTT cue).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Segment {
-    pub start: f64,
-    pub end: f64,
-    pub text: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub speaker: Option<String>,
-}
-
-/// One timed word (verbose_json with `timestamp_granularities[]=word`).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Word {
-    pub word: String,
-    pub start: f64,
-    pub end: f64,
 }
 
 /// An error body from any of the servers, reduced to what hark needs.

@@ -13,9 +13,8 @@
 //! deltas (the done event carries them all), and telling a cut-off stream from a complete one
 //! when the server sends neither a done event nor `[DONE]` (the caller sees the transport error).
 
-use crate::upload::response::{
-    self, ApiError, Segment, Transcript, Word, api_error_in, cap_chars, non_null,
-};
+use crate::event::{Segment, Word};
+use crate::upload::response::{self, ApiError, Transcript, api_error_in, cap_chars, non_null};
 use serde_json::{Map, Value};
 
 /// Cap on what is buffered for one event (its data lines plus the line being read).

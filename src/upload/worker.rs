@@ -14,7 +14,8 @@ use super::queue::{Job, Queue};
 use super::{
     Audio, Finished, MIN_DURATION_MS, OnResult, OnState, Options, Patience, Report, Setup, response,
 };
-use crate::event::{DropReason, EventKind, Events, Stage};
+use crate::bus::Events;
+use crate::event::{DropReason, EventKind, Stage};
 use crate::spool::{self, Entry, Spool, UtteranceMeta};
 
 /// How one utterance's upload ended.

@@ -35,8 +35,7 @@ pub fn default_dir() -> PathBuf {
         })
         .map(|b| b.join("hark"))
         .unwrap_or_else(|| {
-            // SAFETY: getuid cannot fail and touches no memory.
-            let uid = unsafe { libc::getuid() };
+            let uid = crate::sys::getuid();
             std::env::temp_dir().join(format!("hark-cache-{uid}"))
         });
     base.join("transcribe")

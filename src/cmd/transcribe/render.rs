@@ -9,9 +9,8 @@
 
 use serde::Serialize;
 
-use crate::event::EndReason;
+use crate::event::{EndReason, Segment, Word};
 use crate::spool::UtteranceMeta;
-use crate::upload::response::{Segment, Word};
 
 /// One utterance of the recording and what became of it.
 #[derive(Debug, Clone)]
