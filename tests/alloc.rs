@@ -3,6 +3,11 @@
 //! capture through the real `file` plugin and for a 48 kHz stereo WAV that is mixed and resampled.
 //! Compressed files: Ogg/Opus (decoded when opened) makes none either; FLAC and MP3 only what
 //! symphonia's demuxer and decoder make per packet.
+//!
+//! A test binary of its own (Cargo.toml), not a module of tests/integration.rs: it sets
+//! `ALSA_CONFIG_PATH` for the whole process, sound only while no other thread reads the
+//! environment, and every process other tests started afterwards would inherit it. The counting
+//! allocator alone would be harmless there, since it counts only on the thread that arms it.
 
 mod common;
 

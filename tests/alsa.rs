@@ -2,7 +2,7 @@
 //! The plugin reads faster than real time and repeats its last period at end of file, so every run
 //! here is bounded by events and ended with SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

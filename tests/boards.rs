@@ -3,7 +3,7 @@
 //! works through real ALSA; Cross.toml covers the three ARM targets.
 //! (STYLE.md habit 11: every shipped config is tested.)
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

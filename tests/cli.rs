@@ -1,6 +1,6 @@
 //! Command-line behaviour: config errors (exit 78, naming the key), check-config, bad inputs.
 
-mod common;
+use crate::common;
 
 use common::*;
 

@@ -1,7 +1,7 @@
 //! FLAC, MP3 and Ogg/Opus input end to end, with the real binary: made by sox, lame and opusenc
 //! from a 16 kHz mono WAV of espeak-ng speech, each must give that WAV's utterances.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The MQTT sink end to end: the real binary against a real mosquitto started by each test on a
 //! free loopback port (tests/common/mosquitto.rs), read by a subscriber at QoS 1.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};

@@ -3,7 +3,7 @@
 //! STOPPING; a missing device is degraded but alive; realtime priority for ALSA capture, and the
 //! single warning when it is denied.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::os::linux::net::SocketAddrExt;

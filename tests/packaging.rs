@@ -3,7 +3,7 @@
 //! and `systemd-tmpfiles` on a scratch root, `cargo deb` and `dpkg-deb`. scripts/deps.sh test
 //! installs them.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

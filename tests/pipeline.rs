@@ -1,6 +1,6 @@
 //! The file and stdin pipeline end to end, with the real binary and espeak-ng speech.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! SIGHUP: a changed config applies without a restart; a broken one is refused and the old stays.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! the socket file is made and removed. Runs are fed through stdin so that clients connect before
 //! the events they are meant to see; every wait is bounded.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;

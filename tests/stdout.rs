@@ -1,7 +1,7 @@
 //! stdout closed by its reader (`hark | head -1`): hark stops cleanly when stdout was its only
 //! sink, and otherwise goes on without it. Real binary, speech through stdin; every wait bounded.
 
-mod common;
+use crate::common;
 
 use std::io::BufRead;
 use std::process::{Child, ExitStatus, Stdio};

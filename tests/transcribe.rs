@@ -1,7 +1,7 @@
 //! `hark transcribe FILE` end to end: the real binary on generated recordings, uploading to the
 //! same real HTTP server as the daemon's tests, which decodes every Ogg it receives.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -1,7 +1,7 @@
 //! Transcription end to end: the real binary against a real HTTP/TLS server on 127.0.0.1 that
 //! parses the multipart body hark sends and answers (or fails) as each test scripts it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
