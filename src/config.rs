@@ -542,6 +542,24 @@ impl Config {
     fn problems(&self) -> Vec<Problem> {
         let (section, found) = ("capture", Vec::new());
         let mut p = Problems { section, found };
+        self.capture_problems(&mut p);
+        self.vad_problems(&mut p);
+        p.section = "encode";
+        p.range("bitrate", self.encode.bitrate, 6000, 510_000);
+        p.range("complexity", self.encode.complexity, 0, 10);
+
+        self.transcribe_problems(&mut p);
+        p.section = "spool";
+        if self.spool.max_bytes < 1 << 20 {
+            let msg = format!("must be >= 1048576 (1 MiB), got {}", self.spool.max_bytes);
+            p.fail("max_bytes", msg);
+        }
+
+        self.output_problems(&mut p);
+        p.found
+    }
+
+    fn capture_problems(&self, p: &mut Problems) {
         let c = &self.capture;
         p.range("sample_rate", c.sample_rate, 8000, 192_000);
         p.range("channels", c.channels, 1, 32);
@@ -561,7 +579,9 @@ impl Config {
         if c.source == Source::File && c.file == Path::new("") {
             p.fail("file", r#"must be set when capture.source = "file""#.into());
         }
+    }
 
+    fn vad_problems(&self, p: &mut Problems) {
         p.section = "vad";
         let v = &self.vad;
         p.range("mode", v.mode, 0, 3);
@@ -582,11 +602,9 @@ impl Config {
         let (min, why) = (v.min_utterance_ms, " (max is max_utterance_ms)");
         p.bounded("min_utterance_ms", min, (0, max), why);
         p.range("min_level_dbfs", v.min_level_dbfs, -96.0, 0.0);
+    }
 
-        p.section = "encode";
-        p.range("bitrate", self.encode.bitrate, 6000, 510_000);
-        p.range("complexity", self.encode.complexity, 0, 10);
-
+    fn transcribe_problems(&self, p: &mut Problems) {
         p.section = "transcribe";
         let t = &self.transcribe;
         let http = url::Kind::Http;
@@ -614,13 +632,9 @@ impl Config {
         for (i, f) in t.fallback.iter().enumerate() {
             p.url(&format!("fallback[{i}].endpoint"), &f.endpoint, http, false);
         }
+    }
 
-        p.section = "spool";
-        if self.spool.max_bytes < 1 << 20 {
-            let msg = format!("must be >= 1048576 (1 MiB), got {}", self.spool.max_bytes);
-            p.fail("max_bytes", msg);
-        }
-
+    fn output_problems(&self, p: &mut Problems) {
         p.section = "output";
         let o = &self.output;
         if o.socket_mode_bits().is_none() {
@@ -641,7 +655,6 @@ impl Config {
         }
         p.range("mqtt.qos", o.mqtt.qos, 0, 2);
         p.range("mqtt.queue", o.mqtt.queue, 1, 1_000_000);
-        p.found
     }
 
     /// `device_id` if set, else the hostname, else `"hark"`.

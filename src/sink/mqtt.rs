@@ -12,24 +12,23 @@
 //!
 //! Deliberately not here: subscribing to anything, MQTT 5, client certificates, websockets.
 
+mod link;
 mod outbox;
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    Client, ConnectReturnCode, Connection, ConnectionError, Event, LastWill, MqttOptions, Outgoing,
-    Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{Client, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
 use super::{Dropped, Reporter, Sink};
 use crate::config::{MqttConfig, topic_text_ok};
 use crate::event::Line;
 use crate::url::{self, Broker};
+use link::Link;
 pub use outbox::{OFFLINE, Outbox, Topics, node_id};
 
 pub const NAME: &str = "mqtt";
@@ -92,8 +91,56 @@ fn read_password(path: &Path) -> Result<String, MqttError> {
     Ok(password.to_owned())
 }
 
+/// The user and password file of the config or the URL (the keys win), set on `options`.
+fn login(
+    config: &MqttConfig,
+    broker: &Broker,
+    options: &mut MqttOptions,
+) -> Result<Option<(String, Option<PathBuf>)>, MqttError> {
+    let user = match config.username.as_str() {
+        "" => broker.user.clone(),
+        user => Some(user.to_owned()),
+    };
+    let file = (!config.password_file.as_os_str().is_empty()).then_some(&config.password_file);
+    let login = match (user, file) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(MqttError::PasswordWithoutUser),
+        (Some(user), file) => Some((user, file.cloned())),
+    };
+    if let Some((user, file)) = &login {
+        let password = match (file, &broker.password) {
+            (Some(path), _) => read_password(path)?,
+            (None, Some(password)) => password.expose().to_owned(),
+            (None, None) => String::new(),
+        };
+        options.set_credentials(user.clone(), password);
+    }
+    Ok(login)
+}
+
+/// TLS for an `mqtts://` broker, with the system's and `ca_file`'s roots; `None` for plain MQTT.
+fn transport(config: &MqttConfig, broker: &Broker) -> Result<Option<Transport>, MqttError> {
+    let ca = (!config.ca_file.as_os_str().is_empty()).then_some(config.ca_file.as_path());
+    if !broker.tls {
+        return match ca {
+            Some(_) => Err(MqttError::CaWithoutTls),
+            None => Ok(None),
+        };
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(crate::tls::trust_roots(ca)?);
+    let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Start(io::Error::other(e)))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls),
+    ))))
+}
+
 /// The sink thread's and the connection thread's common state.
-struct Shared {
+struct Relay {
     outbox: Mutex<Outbox>,
     /// Signalled when the outbox changes (acks, connect, disconnect) and on stop.
     changed: Condvar,
@@ -101,7 +148,7 @@ struct Shared {
     qos: QoS,
 }
 
-impl Shared {
+impl Relay {
     fn lock(&self) -> MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -121,7 +168,7 @@ fn pump(outbox: &mut Outbox, client: &Client, qos: QoS) {
 
 /// The MQTT backend of [`Sink`].
 pub struct MqttSink {
-    shared: Arc<Shared>,
+    shared: Arc<Relay>,
     client: Client,
     dropped: Dropped,
     reporter: Reporter,
@@ -174,58 +221,27 @@ impl MqttSink {
             .set_clean_session(true)
             .set_max_packet_size(64 * 1024, MAX_PAYLOAD + 64 * 1024)
             .set_last_will(LastWill::new(&*topics.status, OFFLINE, level, true));
-        // The keys win over the URL's user and password.
-        let user = match config.username.as_str() {
-            "" => broker.user.clone(),
-            user => Some(user.to_owned()),
-        };
-        let file = (!config.password_file.as_os_str().is_empty()).then_some(&config.password_file);
-        let login = match (user, file) {
-            (None, None) => None,
-            (None, Some(_)) => return Err(MqttError::PasswordWithoutUser),
-            (Some(user), file) => Some((user, file.cloned())),
-        };
-        if let Some((user, file)) = &login {
-            let password = match (file, &broker.password) {
-                (Some(path), _) => read_password(path)?,
-                (None, Some(password)) => password.expose().to_owned(),
-                (None, None) => String::new(),
-            };
-            options.set_credentials(user.clone(), password);
-        }
-        if broker.tls {
-            let ca = (!config.ca_file.as_os_str().is_empty()).then_some(config.ca_file.as_path());
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(crate::tls::trust_roots(ca)?);
-            let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| MqttError::Start(io::Error::other(e)))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
-        } else if !config.ca_file.as_os_str().is_empty() {
-            return Err(MqttError::CaWithoutTls);
+        let login = login(config, &broker, &mut options)?;
+        if let Some(transport) = transport(config, &broker)? {
+            options.set_transport(transport);
         }
 
         // Room for the whole window, the offline status and the DISCONNECT at stop.
         let (client, connection) = Client::new(options, WINDOW + 4);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Relay {
             outbox: Mutex::new(Outbox::new(topics, config.queue as usize, WINDOW)),
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
             qos: level,
         });
-        let mut link = Link {
+        let mut link = Link::new(
             connection,
-            client: client.clone(),
-            shared: shared.clone(),
-            broker: broker.to_string(),
-            reporter: reporter.clone(),
-            held: Vec::new(),
+            client.clone(),
+            shared.clone(),
+            broker.to_string(),
+            reporter.clone(),
             login,
-        };
+        );
         let thread = thread::Builder::new()
             .name("hark-mqtt".into())
             .spawn(move || link.run())
@@ -346,274 +362,9 @@ impl Drop for MqttSink {
     }
 }
 
-/// What went wrong with the connection, as an `error` event's code and message.
-fn classify(e: &ConnectionError, was_connected: bool, broker: &str) -> (&'static str, String) {
-    if was_connected {
-        return (
-            "mqtt_disconnected",
-            format!("lost the connection to {broker}: {e}"),
-        );
-    }
-    match e {
-        ConnectionError::ConnectionRefused(
-            code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
-        ) => {
-            let why = match code {
-                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
-                // mosquitto's answer to a wrong password.
-                _ => "not authorized (a wrong user name or password, or a user the broker refuses)",
-            };
-            (
-                "mqtt_auth",
-                format!(
-                    "{broker} refused the login: {why} (check output.mqtt.username and output.mqtt.password_file)"
-                ),
-            )
-        }
-        ConnectionError::ConnectionRefused(code) => (
-            "mqtt_refused",
-            format!("{broker} refused the connection: {code:?}"),
-        ),
-        ConnectionError::Tls(e) => ("mqtt_tls", format!("TLS with {broker}: {e}")),
-        ConnectionError::NetworkTimeout => (
-            "mqtt_connect",
-            format!("cannot connect to {broker}: timed out"),
-        ),
-        e => ("mqtt_connect", format!("cannot connect to {broker}: {e}")),
-    }
-}
-
-/// Failures since the connection was last up.
-#[derive(Default)]
-struct Outage {
-    since: Option<Instant>,
-    attempts: u32,
-    /// Codes already reported in this outage.
-    reported: Vec<&'static str>,
-}
-
-/// The connection thread's state: rumqttc's event loop and what it reports.
-struct Link {
-    connection: Connection,
-    client: Client,
-    shared: Arc<Shared>,
-    broker: String,
-    reporter: Reporter,
-    /// Reports made before the daemon's event handle existed; emitted once it does.
-    held: Vec<(&'static str, String)>,
-    /// The user and password file, read again after the broker refuses the login.
-    login: Option<(String, Option<std::path::PathBuf>)>,
-}
-
-impl Link {
-    fn stopping(&self) -> bool {
-        self.shared.stopping.load(Ordering::Acquire)
-    }
-
-    /// Drive rumqttc's event loop until hark stops. `Connection::iter()` would hold the connection
-    /// borrowed; `recv()` is what its `next()` calls, and leaves the event loop reachable between
-    /// events to clear what a dead connection left in it.
-    fn run(&mut self) {
-        let mut outage = Outage::default();
-        let mut attempt = 0u32;
-        let mut up_since: Option<Instant> = None;
-        let mut ever_connected = false;
-        loop {
-            self.flush_reports();
-            let event = match self.connection.recv() {
-                Ok(event) => event,
-                // Every request sender is gone (cannot happen while the sink lives).
-                Err(_) => break,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    // A clean session: nothing of the last connection is resent by rumqttc.
-                    self.connection.eventloop.pending.clear();
-                    if outage.attempts > 0 {
-                        let secs = outage.since.map_or(0, |t| t.elapsed().as_secs());
-                        tracing::info!(
-                            "MQTT: connected to {} again after {} failed attempts ({secs} s)",
-                            self.broker,
-                            outage.attempts
-                        );
-                    } else if !ever_connected {
-                        tracing::info!("MQTT: connected to {}", self.broker);
-                    } else {
-                        tracing::info!("MQTT: reconnected to {}", self.broker);
-                    }
-                    outage = Outage::default();
-                    ever_connected = true;
-                    up_since = Some(Instant::now());
-                    let mut outbox = self.shared.lock();
-                    outbox.connected();
-                    pump(&mut outbox, &self.client, self.shared.qos);
-                    drop(outbox);
-                    self.shared.changed.notify_all();
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) if self.stopping() => break,
-                Ok(event) => {
-                    let mut outbox = self.shared.lock();
-                    if apply(&mut outbox, &event) {
-                        pump(&mut outbox, &self.client, self.shared.qos);
-                        drop(outbox);
-                        self.shared.changed.notify_all();
-                    }
-                }
-                Err(e) => {
-                    let was_connected = self.connection_lost();
-                    if self.stopping() {
-                        break;
-                    }
-                    if up_since.is_some_and(|t| t.elapsed() >= STABLE) {
-                        attempt = 0;
-                    }
-                    up_since = None;
-                    let code = self.failed(&e, was_connected, &mut outage);
-                    let delay = crate::backoff::RECONNECT.delay(attempt);
-                    attempt = attempt.saturating_add(1);
-                    if self.pause(delay) {
-                        break;
-                    }
-                    if code == "mqtt_auth" {
-                        // The next attempt uses the password file as it is now.
-                        self.reread_password();
-                    }
-                }
-            }
-        }
-        self.connection_lost();
-    }
-
-    /// The connection failed or ended: acknowledgements read with the failing packet still count;
-    /// whatever rumqttc holds is dropped (hark resends it from the outbox). Returns whether the
-    /// connection had been up.
-    fn connection_lost(&mut self) -> bool {
-        let mut outbox = self.shared.lock();
-        let eventloop = &mut self.connection.eventloop;
-        for event in eventloop.state.events.drain(..) {
-            apply(&mut outbox, &event);
-        }
-        // Also moves publishes still in the request channel into `pending`, where they are
-        // dropped: they are in the outbox, and must not go out ahead of older ones it resends.
-        eventloop.clean();
-        eventloop.pending.clear();
-        let was = outbox.is_connected();
-        let back = outbox.disconnected();
-        drop(outbox);
-        if back > 0 {
-            tracing::info!(
-                "MQTT: {back} publishes not acknowledged go out again after reconnecting"
-            );
-        }
-        self.shared.changed.notify_all();
-        was
-    }
-
-    /// Report a failure once per kind and outage; returns its code.
-    fn failed(
-        &mut self,
-        e: &ConnectionError,
-        was_connected: bool,
-        outage: &mut Outage,
-    ) -> &'static str {
-        outage.since.get_or_insert_with(Instant::now);
-        if !was_connected {
-            outage.attempts += 1;
-        }
-        let (code, message) = classify(e, was_connected, &self.broker);
-        if outage.reported.contains(&code) {
-            tracing::debug!("MQTT: {message}; retrying");
-            return code;
-        }
-        outage.reported.push(code);
-        tracing::warn!("MQTT: {message}; retrying with backoff");
-        self.held.push((code, message));
-        self.flush_reports();
-        code
-    }
-
-    /// After a refused login, read the password file again: a fixed file needs no restart.
-    fn reread_password(&mut self) {
-        if let Some((user, Some(path))) = &self.login {
-            match read_password(path) {
-                Ok(password) => {
-                    let options = &mut self.connection.eventloop.mqtt_options;
-                    options.set_credentials(user.clone(), password);
-                }
-                Err(e) => tracing::warn!("MQTT: {e}"),
-            }
-        }
-    }
-
-    fn flush_reports(&mut self) {
-        if self.held.is_empty() || self.reporter.events().is_none() {
-            return;
-        }
-        for (code, message) in self.held.drain(..) {
-            self.reporter.error(code, message, true);
-        }
-    }
-
-    /// Wait before the next attempt; `true` when hark stops meanwhile.
-    fn pause(&self, delay: Duration) -> bool {
-        let outbox = self.shared.lock();
-        let (_outbox, _) = self
-            .shared
-            .changed
-            .wait_timeout_while(outbox, delay, |_| !self.stopping())
-            .unwrap_or_else(|p| p.into_inner());
-        self.stopping()
-    }
-}
-
-/// Tell the outbox about one of rumqttc's events; `true` if something may have made room.
-fn apply(outbox: &mut Outbox, event: &Event) -> bool {
-    match event {
-        Event::Outgoing(Outgoing::Publish(pkid)) => {
-            outbox.sent(*pkid);
-            *pkid == 0
-        }
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-            outbox.collided(*pkid);
-            false
-        }
-        Event::Incoming(Packet::PubAck(ack)) => {
-            outbox.acked(ack.pkid);
-            true
-        }
-        Event::Incoming(Packet::PubComp(comp)) => {
-            outbox.acked(comp.pkid);
-            true
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn failures_are_classified_for_error_events() {
-        let refused = |code| ConnectionError::ConnectionRefused(code);
-        let c = |e: &ConnectionError, up| classify(e, up, "mqtt://b:1883").0;
-        assert_eq!(
-            c(&refused(ConnectReturnCode::BadUserNamePassword), false),
-            "mqtt_auth"
-        );
-        assert_eq!(
-            c(&refused(ConnectReturnCode::NotAuthorized), false),
-            "mqtt_auth"
-        );
-        assert_eq!(
-            c(&refused(ConnectReturnCode::BadClientId), false),
-            "mqtt_refused"
-        );
-        let io = ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
-        assert_eq!(c(&io, false), "mqtt_connect");
-        assert_eq!(c(&io, true), "mqtt_disconnected");
-        assert_eq!(c(&ConnectionError::NetworkTimeout, false), "mqtt_connect");
-    }
 
     #[test]
     fn setup_errors_name_the_key_and_never_the_password() {
