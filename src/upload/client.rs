@@ -251,19 +251,7 @@ impl Client {
         deadline: Option<Instant>,
         on_delta: &mut dyn FnMut(&str),
     ) -> Result<Transcript, Failure> {
-        let mut form = super::multipart::Form::new();
-        let (name, mime) = if audio.wav {
-            (format!("{}.wav", audio.id), "audio/wav")
-        } else {
-            (format!("{}.ogg", audio.id), "audio/ogg")
-        };
-        form.file("file", &name, mime, audio.bytes);
-        form.text("model", &ep.model);
-        for (k, v) in &fields.parts {
-            form.text(k, v);
-        }
-        let (content_type, body) = form.finish();
-
+        let (content_type, body) = form(ep, fields, audio);
         let mut timeout = self.timeout;
         if let Some(d) = deadline {
             timeout = timeout.min(d.saturating_duration_since(Instant::now()));
@@ -288,69 +276,92 @@ impl Client {
             .config()
             .timeout_global(Some(timeout.max(Duration::from_millis(1))))
             .build();
-        let mut resp = req.send(&body[..]).map_err(|e| transport(ep, &e))?;
+        let resp = req.send(&body[..]).map_err(|e| transport(ep, &e))?;
+        read_answer(ep, fields, resp, on_delta)
+    }
+}
 
-        let status = resp.status().as_u16();
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let content_type = header("content-type");
-        if !(200..300).contains(&status) {
-            let headers = Box::new(RetryHeaders {
-                should_retry: header("x-should-retry"),
-                retry_after_ms: header("retry-after-ms"),
-                retry_after: header("retry-after"),
-            });
-            let body = resp
-                .body_mut()
-                .with_config()
-                .limit(64 << 10)
-                .read_to_vec()
-                .unwrap_or_default();
-            let mut error = response::parse_error(&body);
-            error.message = ep.scrub(&error.message);
-            return Err(Failure::Status {
-                status,
-                error,
-                headers,
-            });
-        }
+/// The multipart body of one upload, and its content type.
+fn form(ep: &Endpoint, fields: &Fields, audio: &Upload<'_>) -> (String, Vec<u8>) {
+    let mut form = super::multipart::Form::new();
+    let (name, mime) = if audio.wav {
+        (format!("{}.wav", audio.id), "audio/wav")
+    } else {
+        (format!("{}.ogg", audio.id), "audio/ogg")
+    };
+    form.file("file", &name, mime, audio.bytes);
+    form.text("model", &ep.model);
+    for (k, v) in &fields.parts {
+        form.text(k, v);
+    }
+    form.finish()
+}
 
-        let is_sse = content_type
-            .as_deref()
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        let bad = |message: String| Failure::Transport {
-            code: "bad_response",
-            message: ep.scrub(&message),
-        };
-        if is_sse {
-            let mut stream = Stream::new();
-            let mut reader = resp.body_mut().with_config().limit(MAX_BODY).reader();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => return Err(io_failure(ep, &e)),
-                };
-                stream
-                    .feed(&buf[..n], on_delta)
-                    .map_err(|e| stream_failure(ep, e))?;
-            }
-            return stream.finish().map_err(|e| stream_failure(ep, e));
-        }
+/// The server's answer: an error with its retry headers, an event stream, or a body.
+fn read_answer(
+    ep: &Endpoint,
+    fields: &Fields,
+    mut resp: ureq::http::Response<ureq::Body>,
+    on_delta: &mut dyn FnMut(&str),
+) -> Result<Transcript, Failure> {
+    let status = resp.status().as_u16();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header("content-type");
+    if !(200..300).contains(&status) {
+        let headers = Box::new(RetryHeaders {
+            should_retry: header("x-should-retry"),
+            retry_after_ms: header("retry-after-ms"),
+            retry_after: header("retry-after"),
+        });
         let body = resp
             .body_mut()
             .with_config()
-            .limit(MAX_BODY)
+            .limit(64 << 10)
             .read_to_vec()
-            .map_err(|e| transport(ep, &e))?;
-        let format = fields.format.unwrap_or(ResponseFormat::Json);
-        response::parse_body(content_type.as_deref(), format, &body).map_err(|e| bad(e.0))
+            .unwrap_or_default();
+        let mut error = response::parse_error(&body);
+        error.message = ep.scrub(&error.message);
+        return Err(Failure::Status {
+            status,
+            error,
+            headers,
+        });
     }
+    let is_sse = content_type
+        .as_deref()
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+    if is_sse {
+        let mut stream = Stream::new();
+        let mut reader = resp.body_mut().with_config().limit(MAX_BODY).reader();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return Err(io_failure(ep, &e)),
+            };
+            stream
+                .feed(&buf[..n], on_delta)
+                .map_err(|e| stream_failure(ep, e))?;
+        }
+        return stream.finish().map_err(|e| stream_failure(ep, e));
+    }
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_BODY)
+        .read_to_vec()
+        .map_err(|e| transport(ep, &e))?;
+    let format = fields.format.unwrap_or(ResponseFormat::Json);
+    response::parse_body(content_type.as_deref(), format, &body).map_err(|e| Failure::Transport {
+        code: "bad_response",
+        message: ep.scrub(&e.0),
+    })
 }
 
 fn stream_failure(ep: &Endpoint, e: StreamError) -> Failure {

@@ -12,6 +12,7 @@
 //! the SDKs' rule in `retry`), HTTP details (`client`), body parsing (`response`, `sse`).
 
 pub mod client;
+mod cues;
 pub mod multipart;
 pub mod policy;
 mod queue;
