@@ -21,8 +21,7 @@
 //!   (Vorbis, FLAC in Ogg) fails then with that reader's error; damage further in (a bad or missing
 //!   page, a cut) ends the input with an error after the audio before it. The length comes from the
 //!   last page's granule position: read from the end of a regular file, or from a pipe whose whole
-//!   content fits the first [`READ_AHEAD`] bytes, read before decoding starts (a longer pipe has no
-//!   known length).
+//!   content fits the first 64 KB, read before decoding starts (a longer pipe has no known length).
 //!
 //! Deliberately not here: seeking, tracks after the first audio track, chained streams, other
 //! codecs (Vorbis, AAC, ...), recovering an MP3 frame lost in damaged bytes (its time is lost:

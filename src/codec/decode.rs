@@ -1,9 +1,9 @@
 //! Reading Ogg/Opus (RFC 7845) as a stream of 16 kHz mono 16-bit PCM.
 //!
 //! [`OggOpusReader`] pulls pages from any [`Read`] as samples are asked for
-//! and decodes one Opus packet at a time, so what it holds is one page and
-//! one packet whatever the length of the input: `hark transcribe` and
-//! `hark run -i` read Ogg/Opus files through it like WAV, FLAC and MP3.
+//! and decodes one Opus packet at a time, so it holds one page's packets
+//! whatever the length of the input: `hark transcribe` and `hark run -i` read
+//! Ogg/Opus files through it like WAV, FLAC and MP3.
 //! [`decode_ogg_opus`] and [`ogg_opus_to_wav`] run it over a file in memory
 //! (a spool file: the upload's WAV fallback, written with hound, and tests).
 //! It reads hark's own files (written by
@@ -174,8 +174,15 @@ pub fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
 /// [`new`](Self::new) reads up to the first audio page (the headers are
 /// checked, and a file that is not Ogg/Opus fails there); each
 /// [`read`](Self::read) decodes one packet, reading the next page when the
-/// last one is used up. An error ends the stream: what was read before it
-/// was good audio.
+/// last one is used up. An error ends the stream (read no further): the
+/// audio read before it was good.
+///
+/// End trimming is by each page's granule position, applied to that page's
+/// audio as it is decoded. RFC 7845 allows a granule position smaller than
+/// the audio decoded through its page only on the last page, so for a valid
+/// stream that is the same as trimming the whole output to the last page's
+/// granule position (what this decoder did when it decoded whole files); a
+/// page before the last that does it has its own audio trimmed.
 pub struct OggOpusReader<R> {
     input: R,
     /// Byte offset of the next page in the input.

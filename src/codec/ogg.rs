@@ -8,17 +8,19 @@
 //! it runs on the capture path, once per 20 ms packet of every utterance.
 //!
 //! Why hark writes pages itself rather than with the `ogg` crate's
-//! `PacketWriter` (which [`decode`](super::decode) uses the reading half of):
-//! `PacketWriter` keeps every packet of the page being built until the page
-//! is written, as a `Cow<'writer, [u8]>`. The encoder reuses one packet
-//! buffer, so each packet would have to be handed over as an owned copy: one
-//! allocation per packet, plus a header `Vec` per page, on the capture path
-//! that must make none. Its pages, granule positions and flags would
-//! otherwise do (a page can be ended after any packet, the granule is the
-//! last finished packet's, EOS is set by the last packet).
+//! `PacketWriter` (0.9; [`decode`](super::decode) uses the crate's reading
+//! half): `PacketWriter` allocates on the capture path. Each `write_packet`
+//! builds a new per-stream state, a 255-entry `Vec` included, before finding
+//! the existing one, and each page's header is a fresh `Vec`: 510 allocations
+//! for 500 packets in 10 pages, measured with a counting allocator. And it
+//! keeps the packets of the page being built as `Cow<'writer, [u8]>` until the
+//! page is written, so the encoder's reused packet buffer could only be handed
+//! over as an owned copy: 1010 allocations for the same 500 packets. Its pages
+//! would otherwise do (a page can be ended after any packet, the granule
+//! position is the last finished packet's, EOS is set by the last packet).
 //!
 //! It deliberately does not: read or demux Ogg (that is the `ogg` crate's
-//! job, in [`decode`](super::decode); [`PageHeader`] only names the fields
+//! job, in [`decode`](super::decode); `PageHeader` only names the fields
 //! the reader checks), interleave several logical streams, or know anything
 //! about the codec inside (granule positions are whatever the caller passes).
 
