@@ -27,31 +27,7 @@ echo "== cargo build --release"
 cargo build --release
 
 minute=$data/transcribe-minute.wav
-if [ ! -f "$minute" ]; then
-    echo "== making one minute of speech ($minute)"
-    i=0
-    parts=()
-    while IFS= read -r line; do
-        espeak-ng -v en-us -s 160 -w "$tmp/raw$i.wav" "$line"
-        sox -D "$tmp/raw$i.wav" -r 16000 -c 1 -b 16 "$tmp/part$i.wav" pad 0 1.5
-        parts+=("$tmp/part$i.wav")
-        i=$((i + 1))
-    done <<'EOF'
-The kitchen lights are on and the oven is warming up.
-Please lock the front door before you go to bed tonight.
-Remind me to water the plants in the garden tomorrow morning.
-What is the weather going to be like in Lisbon on Saturday?
-Turn the radio in the living room down a little bit.
-The delivery van arrived at half past three with two parcels.
-Call the plumber about the leaking tap in the upstairs bathroom.
-We need milk, bread, eggs and a bag of coffee beans.
-The meeting has been moved to Thursday at ten in the morning.
-Good night, and see you at breakfast tomorrow.
-EOF
-    sox -D "${parts[@]}" "$tmp/speech.wav" pad 1 60 trim 0 60
-    sox -D -n -r 16000 -c 1 -b 16 "$tmp/noise.wav" synth 60 whitenoise vol 0.001
-    sox -D -m -v 1 "$tmp/speech.wav" -v 1 "$tmp/noise.wav" "$minute"
-fi
+bash benches/speech-minute.sh
 sox -D "$minute" "$data/transcribe-10min.wav" repeat 9
 sox -D "$minute" "$data/transcribe-1h.wav" repeat 59
 

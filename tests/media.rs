@@ -1,5 +1,6 @@
 //! FLAC, MP3 and Ogg/Opus input end to end, with the real binary: made by sox, lame and opusenc
-//! from a 16 kHz mono WAV of espeak-ng speech, each must give that WAV's utterances.
+//! from a 16 kHz mono WAV of espeak-ng speech, each must give that WAV's utterances, from a file or
+//! a pipe; damaged, cut and empty files end cleanly or with a clear error.
 
 use crate::common;
 
@@ -119,6 +120,31 @@ fn a_flac_read_through_a_pipe_gives_the_same_utterances() {
     assert_eq!(spans(&utterances(&events(&out.stdout))), want);
 }
 
+#[test]
+fn an_ogg_opus_read_through_a_pipe_gives_the_same_utterances() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (wav, want) = reference(d);
+    let opus = d.join("mono16.opus");
+    tool("opusenc", "opus-tools", &["--quiet"], &wav, &opus);
+    // Decoded as it comes down the pipe: the first bytes recognise Ogg and are put back.
+    let mut args = base_args(&d.join("spool"));
+    args.extend(["-i".to_string(), "/dev/stdin".to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_with_stdin(&refs, Some(std::fs::read(&opus).unwrap()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_close(
+        "piped Ogg/Opus",
+        &spans(&utterances(&events(&out.stdout))),
+        &want,
+        TOLERANCE_MS,
+    );
+}
+
 /// Run hark on `input`; the exit code, stderr and utterances. Never a panic.
 fn run_bad(input: &Path, spool: &Path) -> (Option<i32>, String, Vec<(u64, u64)>) {
     let mut args = base_args(spool);
@@ -180,6 +206,29 @@ fn damaged_empty_and_cut_files_are_clear_errors_or_clean_ends() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(got.len() >= 2, "{got:?}");
     assert_close("cut MP3", &got[..2], &want[..2], TOLERANCE_MS);
+
+    // An Ogg/Opus file cut two thirds in (inside a page, in the second sentence): read as a
+    // stream, it delivers the audio of the pages before the cut (the first sentence whole, the
+    // second up to the cut page), then the cut page is an error naming the file and where (exit
+    // 1), as for a truncated FLAC or WAV.
+    let opus = d.join("mono16.opus");
+    tool("opusenc", "opus-tools", &["--quiet"], &wav, &opus);
+    let mut bytes = std::fs::read(&opus).unwrap();
+    bytes.truncate(bytes.len() * 2 / 3 + 7);
+    let cut = d.join("cut.opus");
+    std::fs::write(&cut, &bytes).unwrap();
+    let (code, stderr, got) = run_bad(&cut, &d.join("s4"));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cut.opus") && stderr.contains("truncated inside the Ogg page"),
+        "{stderr}"
+    );
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_close("cut Ogg/Opus", &got[..1], &want[..1], TOLERANCE_MS);
+    assert!(
+        got[1].0.abs_diff(want[1].0) <= TOLERANCE_MS && got[1].1 < want[1].1,
+        "cut Ogg/Opus: {got:?} vs {want:?}"
+    );
 }
 
 #[test]

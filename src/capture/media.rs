@@ -1,4 +1,4 @@
-//! Compressed input files: FLAC and MP3 decoded with symphonia, Ogg/Opus with hark's own decoder.
+//! Compressed input files: FLAC and MP3 decoded with symphonia, Ogg/Opus with hark's reader.
 //!
 //! [`MediaSource`] is the file source for these formats. It feeds interleaved i16 at the file's own
 //! rate and channel count into the same [`Converter`] as WAV input, one 20 ms period at a time, so
@@ -13,11 +13,15 @@
 //!   counted. Too many bad packets in a row, or a change of rate or channel count mid-stream, is
 //!   an error naming the file rather than a mistimed stream, and so is a FLAC file that ends
 //!   before the frame count in its header (after its audio, like a truncated WAV).
-//! - Ogg/Opus is decoded whole when the file is opened, by
-//!   [`decode_ogg_opus`](crate::codec::decode::decode_ogg_opus), which yields 16 kHz mono (so the
-//!   converter does not resample, and `capture.channel` can only be 0 or mix). The samples are held
-//!   in memory: 32 KB per second of audio, at most 4 hours (460 MB). An Ogg file that is not Opus
-//!   (Vorbis, FLAC in Ogg) gets that decoder's error.
+//! - Ogg/Opus is read page by page and decoded packet by packet as the pipeline takes it, by
+//!   [`OggOpusReader`], which yields 16 kHz mono (so the converter does not resample, and
+//!   `capture.channel` can only be 0 or mix): memory does not grow with the file's length, and the
+//!   period loop allocates only inside the `ogg` crate (each page's buffers and packet). Its
+//!   headers and first audio page are read when the file is opened, so a file that is not Ogg/Opus
+//!   (Vorbis, FLAC in Ogg) fails then with that reader's error; damage further in (a bad or missing
+//!   page, a cut) ends the input with an error after the audio before it. The length comes from the
+//!   last page's granule position: read from the end of a regular file, or from a pipe whose whole
+//!   content fits the first 64 KB, read before decoding starts (a longer pipe has no known length).
 //!
 //! Deliberately not here: seeking, tracks after the first audio track, chained streams, other
 //! codecs (Vorbis, AAC, ...), recovering an MP3 frame lost in damaged bytes (its time is lost:
@@ -26,7 +30,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Cursor, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use symphonia::core::codecs::audio::{AudioDecoder, AudioDecoderOptions};
@@ -38,7 +42,7 @@ use symphonia::core::meta::MetadataOptions;
 
 use super::file::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
-use crate::codec::decode::{DecodeError, decode_ogg_opus};
+use crate::codec::decode::{DecodeError, MAX_PACKET_SAMPLES, OggOpusReader};
 use crate::config::ChannelSel;
 
 /// The compressed formats [`MediaSource`] reads.
@@ -87,17 +91,24 @@ const DEFAULT_PACKET_FRAMES: u64 = 1152;
 /// The largest packet a decoder may declare (FLAC's limit); a bound on the pending buffer.
 const MAX_PACKET_FRAMES: u64 = 65_535;
 
-/// Ogg/Opus input is read whole: beyond this it is not a recording of at most 4 hours (Opus at
-/// its highest bitrate, 510 kbit/s, takes 918 MB for that).
-const MAX_OGG_BYTES: u64 = 1 << 30;
+/// The end of a regular Ogg/Opus file read for its length: two of the largest pages (64 KB
+/// each), so that a file cut inside its last page still shows the one before.
+const TAIL_BYTES: u64 = 128 << 10;
+
+/// A piped Ogg/Opus input is read this far before decoding starts; if it ends within, its length
+/// is known. At most a few seconds of a live stream at speech bitrates (24-64 kbit/s).
+const READ_AHEAD: u64 = 64 << 10;
+
+/// An Ogg/Opus input after its first bytes: buffered, the sniffed bytes put back for a pipe.
+type OggInput = Box<dyn Read + Send>;
 
 /// Reads a FLAC, MP3 or Ogg/Opus file into the ring.
 pub struct MediaSource {
     label: String,
     path: String,
     kind: MediaKind,
-    /// The FLAC or MP3 demuxer and decoder; `None` for Ogg/Opus (decoded whole into `pending`).
-    decoder: Option<Decoder>,
+    /// The demuxer and decoder.
+    decoder: Demux,
     rate: u32,
     channels: usize,
     converter: Converter,
@@ -123,6 +134,14 @@ pub struct MediaSource {
     ended: bool,
     /// An error met after some samples of a period were gathered: those are pushed first.
     failed: Option<CaptureError>,
+}
+
+/// Where the samples come from.
+enum Demux {
+    /// FLAC or MP3: symphonia.
+    Symphonia(Decoder),
+    /// Ogg/Opus at 16 kHz mono.
+    Ogg(Box<OggOpusReader<OggInput>>),
 }
 
 struct Decoder {
@@ -161,19 +180,12 @@ impl MediaSource {
         }
         let (decoder, rate, channels, frames, pending, max_packet_frames) = match kind {
             MediaKind::OggOpus => {
-                let mut bytes = magic;
-                file.take(MAX_OGG_BYTES)
-                    .read_to_end(&mut bytes)
-                    .map_err(input_err)?;
-                if bytes.len() as u64 >= MAX_OGG_BYTES {
-                    return Err(media_err(MediaError::Unusable(format!(
-                        "larger than {} MB (Ogg/Opus input is decoded in memory)",
-                        MAX_OGG_BYTES >> 20
-                    ))));
-                }
-                let samples = decode_ogg_opus(&bytes).map_err(|e| media_err(e.into()))?;
-                let frames = samples.len() as u64;
-                (None, SAMPLE_RATE, 1, Some(frames), samples, 0)
+                let (input, tail) = ogg_input(file, magic, regular).map_err(input_err)?;
+                let reader = OggOpusReader::new(input).map_err(|e| ogg_error(&shown, e))?;
+                let frames = tail.and_then(|tail| reader.length_from_tail(&tail));
+                let pending = Vec::with_capacity(MAX_PACKET_SAMPLES);
+                let decoder = Demux::Ogg(Box::new(reader));
+                (decoder, SAMPLE_RATE, 1, frames, pending, 0)
             }
             MediaKind::Flac | MediaKind::Mp3 => {
                 let source: Box<dyn symphonia::core::io::MediaSource> = if regular {
@@ -194,7 +206,7 @@ impl MediaSource {
                 let max = info.max_packet_frames.clamp(1, MAX_PACKET_FRAMES);
                 let pending = Vec::with_capacity(max as usize * info.channels);
                 (
-                    Some(decoder),
+                    Demux::Symphonia(decoder),
                     info.rate,
                     info.channels,
                     info.frames,
@@ -302,8 +314,15 @@ impl MediaSource {
     /// Decode the next packet of the track into `pending` (and any silence that stands for lost
     /// packets before it into `silence`). Returns false at the end of input.
     fn decode_next(&mut self) -> Result<bool, CaptureError> {
-        let Some(dec) = self.decoder.as_mut() else {
-            return Ok(false);
+        let dec = match &mut self.decoder {
+            Demux::Symphonia(dec) => dec,
+            Demux::Ogg(reader) => {
+                self.pending.clear();
+                self.taken = 0;
+                return reader
+                    .read(&mut self.pending)
+                    .map_err(|e| ogg_error(&self.path, e));
+            }
         };
         let path = self.path.as_str();
         let unusable = |why: String| CaptureError::Media {
@@ -581,6 +600,46 @@ impl Source for MediaSource {
 
     fn duration_samples(&self) -> Option<u64> {
         self.duration
+    }
+}
+
+/// Ogg/Opus input and, when it comes cheap, its end (for the length, which only the last page's
+/// granule position tells): a regular file's last [`TAIL_BYTES`], read before it is rewound; a
+/// pipe's whole content if it ends within [`READ_AHEAD`] bytes (`magic` included).
+fn ogg_input(
+    mut file: File,
+    magic: Vec<u8>,
+    regular: bool,
+) -> io::Result<(OggInput, Option<Vec<u8>>)> {
+    if regular {
+        let len = file.seek(SeekFrom::End(0))?;
+        file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
+        let mut tail = Vec::new();
+        (&mut file).take(TAIL_BYTES).read_to_end(&mut tail)?;
+        file.seek(SeekFrom::Start(0))?;
+        return Ok((Box::new(BufReader::new(file)), Some(tail)));
+    }
+    let mut head = magic;
+    let wanted = READ_AHEAD.saturating_sub(head.len() as u64);
+    let got = (&mut file).take(wanted).read_to_end(&mut head)?;
+    let whole = (got as u64) < wanted;
+    let tail = whole.then(|| head.clone());
+    let input = BufReader::new(Cursor::new(head).chain(file));
+    Ok((Box::new(input), tail))
+}
+
+/// An Ogg/Opus reader's error, for the file at `path`: a failed read is the input's, anything
+/// else the file's.
+fn ogg_error(path: &str, e: DecodeError) -> CaptureError {
+    match e {
+        DecodeError::Io(source) => CaptureError::Input {
+            path: path.to_owned(),
+            source,
+        },
+        e => CaptureError::Media {
+            path: path.to_owned(),
+            source: e.into(),
+        },
     }
 }
 
@@ -868,7 +927,7 @@ mod tests {
     }
 
     #[test]
-    fn ogg_opus_is_decoded_whole_at_16k_mono() {
+    fn ogg_opus_is_decoded_at_16k_mono() {
         let dir = tempfile::tempdir().unwrap();
         let input: Vec<i16> = (0..24_000)
             .map(|i| ((i as f32 * 0.07).sin() * 8000.0) as i16)
@@ -903,5 +962,118 @@ mod tests {
         let path = write(&dir, "raw.opus", &[1, 2, 3, 4, 5, 6]);
         let err = open_input(&path, ChannelSel::Mix, false).err().unwrap();
         assert!(err.to_string().contains("raw.opus"), "{err}");
+    }
+
+    /// hark's Ogg/Opus file of `input` (pages of 1 s).
+    fn ogg_file(input: &[i16]) -> Vec<u8> {
+        let settings = EncodeSettings {
+            bitrate: 32_000,
+            complexity: 5,
+        };
+        let mut w = OggOpusWriter::new(Vec::new(), &settings, "test", &[], 3).unwrap();
+        w.write(input).unwrap();
+        w.finish().unwrap().0
+    }
+
+    /// Byte ranges of the pages of hark's Ogg file (one stream, complete pages).
+    fn ogg_pages(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
+        let mut pages = Vec::new();
+        let mut pos = 0;
+        while pos < bytes.len() {
+            let segments = usize::from(bytes[pos + 26]);
+            let lacing = &bytes[pos + 27..pos + 27 + segments];
+            let len = 27 + segments + lacing.iter().map(|&l| usize::from(l)).sum::<usize>();
+            pages.push(pos..pos + len);
+            pos += len;
+        }
+        pages
+    }
+
+    #[test]
+    fn ogg_opus_streams_exactly_what_the_decoder_gives_from_a_file_or_a_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        // 30 s of noise at 32 kbit/s: about 120 KB, more than a pipe is read ahead.
+        let input = signal(16_000 * 30 + 17, 11);
+        let bytes = ogg_file(&input);
+        assert!(bytes.len() as u64 > READ_AHEAD, "{} bytes", bytes.len());
+        let want = crate::codec::decode::decode_ogg_opus(&bytes).unwrap();
+        assert_eq!(want.len(), input.len());
+
+        let path = write(&dir, "noise.opus", &bytes);
+        let mut source = open_input(&path, ChannelSel::Mix, false).unwrap();
+        assert_eq!(source.duration_samples(), Some(want.len() as u64));
+        let (out, result) = read_all(source.as_mut());
+        result.unwrap();
+        assert_eq!(out, want);
+
+        // Through a FIFO: streamed as it is written, with no length (it is longer than the
+        // read-ahead); a short one has its length.
+        for (name, bytes) in [
+            ("long.fifo", bytes.clone()),
+            ("short.fifo", ogg_file(&input[..8000])),
+        ] {
+            let fifo = dir.path().join(name);
+            crate::sys::mkfifo(&fifo, 0o600).unwrap();
+            let (path, data) = (fifo.clone(), bytes.clone());
+            let writer = std::thread::spawn(move || std::fs::write(path, data).unwrap());
+            let mut source = open_input(&fifo, ChannelSel::Mix, false).unwrap();
+            let (out, result) = read_all(source.as_mut());
+            writer.join().unwrap();
+            result.unwrap();
+            let want = crate::codec::decode::decode_ogg_opus(&bytes).unwrap();
+            let length = (bytes.len() as u64) < READ_AHEAD;
+            assert_eq!(
+                source.duration_samples(),
+                length.then_some(want.len() as u64),
+                "{name}"
+            );
+            assert_eq!(out, want, "{name}");
+        }
+    }
+
+    #[test]
+    fn damage_inside_an_ogg_opus_file_ends_it_with_an_error_after_the_audio_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = signal(16_000 * 6, 12);
+        let bytes = ogg_file(&input);
+        let whole = crate::codec::decode::decode_ogg_opus(&bytes).unwrap();
+        let pages = ogg_pages(&bytes);
+        // Head, tags, then a page a second: cut inside the page of second 3.
+        let cut = pages[5].start + 100;
+        let path = write(&dir, "cut.opus", &bytes[..cut]);
+        let mut source = open_input(&path, ChannelSel::Mix, false).unwrap();
+        let (out, result) = read_all(source.as_mut());
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), "bad_media");
+        let message = err.to_string();
+        assert!(
+            message.contains("cut.opus")
+                && message.contains(&format!(
+                    "truncated inside the Ogg page or headers at byte {}",
+                    pages[5].start
+                )),
+            "{message}"
+        );
+        // The three whole seconds before the cut page were delivered, exactly.
+        assert!(out.len() >= 3 * 16_000 - 320, "{}", out.len());
+        assert_eq!(out, whole[..out.len()]);
+
+        // A damaged byte: that page's CRC fails, the error says where.
+        let mut damaged = bytes.clone();
+        damaged[pages[4].start + 200] ^= 0x40;
+        let path = write(&dir, "damaged.opus", &damaged);
+        let mut source = open_input(&path, ChannelSel::Mix, false).unwrap();
+        let (out, result) = read_all(source.as_mut());
+        let message = result.unwrap_err().to_string();
+        assert!(
+            message.contains("damaged.opus")
+                && message.contains(&format!(
+                    "bad Ogg page at byte {}: CRC mismatch",
+                    pages[4].start
+                )),
+            "{message}"
+        );
+        assert_eq!(out, whole[..out.len()]);
+        assert!(out.len() >= 2 * 16_000 - 320, "{}", out.len());
     }
 }

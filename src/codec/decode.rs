@@ -1,13 +1,30 @@
-//! Reading Ogg/Opus files (RFC 7845) back into 16 kHz mono 16-bit PCM.
+//! Reading Ogg/Opus (RFC 7845) as a stream of 16 kHz mono 16-bit PCM.
 //!
-//! [`decode_ogg_opus`] reads hark's own spool files (written by
+//! [`OggOpusReader`] pulls pages from any [`Read`] as samples are asked for
+//! and decodes one Opus packet at a time, so it holds one page's packets
+//! whatever the length of the input: `hark transcribe` and `hark run -i` read
+//! Ogg/Opus files through it like WAV, FLAC and MP3.
+//! [`decode_ogg_opus`] and [`ogg_opus_to_wav`] run it over a file in memory
+//! (a spool file: the upload's WAV fallback, written with hound, and tests).
+//! It reads hark's own files (written by
 //! [`OggOpusWriter`](super::opus::OggOpusWriter)) as well as Ogg/Opus files
-//! from other encoders such as `opusenc`. It demuxes the Ogg pages itself
-//! (checking every page's CRC, sequence numbers and packet continuation),
-//! decodes with libopus at 16 kHz, downmixes to mono, applies the OpusHead
-//! output gain, drops the pre-skip and trims the end to the last granule
-//! position, so a file from `OggOpusWriter` decodes to exactly the samples
-//! that were written. [`wav_bytes`] wraps PCM in a WAV file.
+//! from other encoders such as `opusenc`.
+//!
+//! The `ogg` crate demuxes: its [`PageParser`] checks each page's version and
+//! CRC and splits the body by its lacing values, its [`BasePacketReader`]
+//! joins packets across pages. The crate's `PacketReader` (the same two
+//! behind a reader) is not used because it checks less than hark did: it
+//! skips up to 150 KB of damaged bytes to find the next page (audio lost
+//! without an error), takes a file cut inside a page header for a clean end,
+//! hides page sequence numbers (a missing page goes unseen) and the offset of
+//! a bad page, and needs a seekable input (no pipes). So the reader here
+//! reads each page at a known offset and checks the capture pattern,
+//! sequence numbers, packet continuation and truncation itself.
+//!
+//! Decoding is libopus at 16 kHz, downmixed to mono, with the OpusHead
+//! output gain; the pre-skip is dropped and each page's audio is trimmed to
+//! its granule position, so a file from `OggOpusWriter` decodes to exactly
+//! the samples that were written.
 //!
 //! It deliberately does not:
 //! - decode chained streams: only the first link is read, and nothing after
@@ -18,29 +35,33 @@
 //! - decode multistream Opus (surround, channel mapping family 1 with more
 //!   than two channels, or any stream count above one) or ambisonics
 //!   (families 2 and 3): those return [`DecodeError::Unsupported`];
-//! - seek, decode incrementally (the whole file is in memory), or
-//!   resynchronise after damaged data (a bad page is an error, not a gap).
+//! - seek, or resynchronise after damaged data (a bad page is an error, not
+//!   a gap).
 
-use super::ogg::crc32_update;
+use std::collections::VecDeque;
+use std::io::{self, Cursor, Read};
+use std::sync::Arc;
+
+use ogg::OggReadError;
+use ogg::reading::{BasePacketReader, OggPage, PageParser, PageParsingOptions};
+
+use super::ogg::{FLAG_BOS, FLAG_CONTINUED, FLAG_EOS, HEADER_LEN, PageHeader};
 use super::opus::SAMPLE_RATE;
-
-/// Fixed part of an Ogg page header, before the lacing values.
-const HEADER_LEN: usize = 27;
-/// Offset of the CRC field within the page header.
-const CRC_OFFSET: usize = 22;
-
-const FLAG_CONTINUED: u8 = 0x01;
-const FLAG_BOS: u8 = 0x02;
-const FLAG_EOS: u8 = 0x04;
 
 /// Ogg/Opus granule positions count 48 kHz samples: 3 per output sample.
 const GRANULE_PER_SAMPLE: u64 = 48_000 / SAMPLE_RATE as u64;
-/// Longest Opus packet (120 ms) in output samples per channel.
-const MAX_PACKET_SAMPLES: usize = SAMPLE_RATE as usize * 120 / 1000;
-/// Most output samples one file may decode to (4 hours). A few bytes of
-/// Opus can stand for 120 ms of audio, so without a limit a small hostile
-/// file could make the decoder allocate gigabytes.
+/// Longest Opus packet (120 ms) in output samples per channel: the most
+/// samples one [`OggOpusReader::read`] appends.
+pub const MAX_PACKET_SAMPLES: usize = SAMPLE_RATE as usize * 120 / 1000;
+/// Most output samples a file decoded into memory may have (4 hours). A few
+/// bytes of Opus can stand for 120 ms of audio, so without a limit a small
+/// hostile file could make [`decode_ogg_opus`] allocate gigabytes. (The
+/// stream itself has no limit: it holds no more for a longer input.)
 const MAX_SAMPLES: usize = SAMPLE_RATE as usize * 4 * 3600;
+/// Longest packet accepted, in bytes of the pages it spans (it is held whole
+/// until it ends). An Opus audio packet is at most 61 KB without padding;
+/// OpusTags may carry cover art.
+const MAX_PACKET_BYTES: usize = 16 << 20;
 
 /// Why an Ogg/Opus file could not be decoded.
 #[derive(Debug, thiserror::Error)]
@@ -68,15 +89,22 @@ pub enum DecodeError {
     Unsupported(String),
     /// The pages or packets of the Opus stream are inconsistent (missing
     /// page, broken packet continuation, bad granule position, missing
-    /// OpusTags); `offset` is the byte offset of the page.
+    /// OpusTags, a packet over 16 MB); `offset` is the byte offset of the
+    /// page.
     #[error("bad Ogg/Opus stream at byte {offset}: {reason}")]
     BadStream { offset: usize, reason: &'static str },
-    /// The audio is longer than the decoder's limit of 4 hours.
+    /// The audio of a file decoded into memory is longer than 4 hours.
     #[error("decoded audio longer than 4 hours")]
     TooLong,
     /// libopus rejected a packet or setting.
     #[error("opus decoder: {0}")]
     Opus(#[from] opus::Error),
+    /// Reading the input failed.
+    #[error("reading the Ogg/Opus input: {0}")]
+    Io(#[from] io::Error),
+    /// hound could not write the WAV file.
+    #[error("writing the WAV file: {0}")]
+    Wav(#[from] hound::Error),
 }
 
 /// Decodes a whole Ogg/Opus file to mono 16-bit samples at 16 kHz.
@@ -85,9 +113,10 @@ pub enum DecodeError {
 /// mappings (family 1 or 255 with one Opus stream) are mixed to the mean of
 /// their output channels. The OpusHead output gain is applied. A decoded
 /// sample is kept when its 48 kHz timestamp lies at or after the pre-skip and
-/// before the last page's granule position (counted from the stream's first
+/// before its page's granule position (counted from the stream's first
 /// sample), i.e. the pre-skip becomes `ceil(pre_skip / 3)` samples at 16 kHz,
-/// which is exact for hark's files (their pre-skip is a multiple of 3).
+/// which is exact for hark's files (their pre-skip is a multiple of 3), and
+/// the last page's granule position trims the end.
 ///
 /// Truncation: input that ends inside a page is [`DecodeError::Truncated`].
 /// A stream that ends at a page boundary without an end-of-stream page is
@@ -97,236 +126,389 @@ pub enum DecodeError {
 /// looks like, and its pages are good audio. Zero-length packets carry no
 /// audio and are skipped; pages without a granule position (-1) are fine.
 pub fn decode_ogg_opus(bytes: &[u8]) -> Result<Vec<i16>, DecodeError> {
-    if !bytes.starts_with(b"OggS") {
-        return Err(DecodeError::NotOgg);
+    let mut reader = OggOpusReader::new(bytes)?;
+    let mut pcm = Vec::new();
+    while reader.read(&mut pcm)? {
+        if pcm.len() > MAX_SAMPLES {
+            return Err(DecodeError::TooLong);
+        }
     }
-    let mut stream: Option<Stream> = None;
-    // The part of a packet that continues on the next page. It is reused, so
-    // a packet spread over pages is copied once; others are decoded in place.
-    let mut partial = Vec::new();
-    let mut offset = 0;
-    let mut ended = false;
-    while offset < bytes.len() {
-        let page = read_page(bytes, offset)?;
-        offset += page.len;
-        if stream.is_none() {
-            if page.flags & FLAG_BOS == 0 {
-                // All streams begin before any data page does.
-                return Err(DecodeError::NoOpusHead);
-            }
-            if !page.body.starts_with(b"OpusHead") {
-                continue; // Another multiplexed stream.
-            }
-            stream = Some(Stream::new(&page));
-        }
-        let Some(st) = stream.as_mut() else {
-            continue;
-        };
-        if page.serial != st.serial {
-            continue;
-        }
-        st.page(&page, &mut partial)?;
-        if page.flags & FLAG_EOS != 0 {
-            ended = true;
+    Ok(pcm)
+}
+
+/// Decodes a whole Ogg/Opus file (as [`decode_ogg_opus`]) into a complete
+/// 16-bit PCM mono WAV file at 16 kHz, written by hound packet by packet as
+/// it is decoded: the upload's fallback for servers that refuse Ogg.
+pub fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut reader = OggOpusReader::new(bytes)?;
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut out = Cursor::new(Vec::new());
+    let mut wav = hound::WavWriter::new(&mut out, spec)?;
+    let mut pcm = Vec::with_capacity(MAX_PACKET_SAMPLES);
+    let mut samples = 0usize;
+    loop {
+        pcm.clear();
+        if !reader.read(&mut pcm)? {
             break;
         }
+        // Also keeps the data under the 4 GiB that a WAV header can count.
+        samples += pcm.len();
+        if samples > MAX_SAMPLES {
+            return Err(DecodeError::TooLong);
+        }
+        for &s in &pcm {
+            wav.write_sample(s)?;
+        }
     }
-    match stream {
-        Some(st) => st.finish(ended, bytes.len()),
-        None => Err(DecodeError::NoOpusHead),
-    }
+    wav.finalize()?;
+    Ok(out.into_inner())
 }
 
-/// A complete 16-bit PCM mono WAV file (RIFF header + data) for `samples` at
-/// `rate`. Sizes that do not fit the format's 32-bit fields (over 4 GiB of
-/// data) saturate.
-pub fn wav_bytes(samples: &[i16], rate: u32) -> Vec<u8> {
-    let data_len = u32::try_from(samples.len().saturating_mul(2)).unwrap_or(u32::MAX);
-    let mut out = Vec::with_capacity(44 + 2 * samples.len());
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&data_len.saturating_add(36).to_le_bytes());
-    out.extend_from_slice(b"WAVE");
-    out.extend_from_slice(b"fmt ");
-    out.extend_from_slice(&16u32.to_le_bytes()); // fmt chunk size
-    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    out.extend_from_slice(&1u16.to_le_bytes()); // channels
-    out.extend_from_slice(&rate.to_le_bytes());
-    out.extend_from_slice(&rate.saturating_mul(2).to_le_bytes()); // bytes/s
-    out.extend_from_slice(&2u16.to_le_bytes()); // block align
-    out.extend_from_slice(&16u16.to_le_bytes()); // bits per sample
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&data_len.to_le_bytes());
-    for s in samples {
-        out.extend_from_slice(&s.to_le_bytes());
-    }
-    out
-}
-
-/// One Ogg page, borrowed from the input.
-struct Page<'a> {
-    /// Byte offset of the page in the input.
+/// Reads one Ogg/Opus stream from `R`, decoding as samples are asked for.
+///
+/// [`new`](Self::new) reads up to the first audio page (the headers are
+/// checked, and a file that is not Ogg/Opus fails there); each
+/// [`read`](Self::read) decodes one packet, reading the next page when the
+/// last one is used up. An error ends the stream (read no further): the
+/// audio read before it was good.
+///
+/// End trimming is by each page's granule position, applied to that page's
+/// audio as it is decoded. RFC 7845 allows a granule position smaller than
+/// the audio decoded through its page only on the last page, so for a valid
+/// stream that is the same as trimming the whole output to the last page's
+/// granule position (what this decoder did when it decoded whole files); a
+/// page before the last that does it has its own audio trimmed.
+pub struct OggOpusReader<R> {
+    input: R,
+    /// Byte offset of the next page in the input.
     offset: usize,
-    /// Length of the whole page.
-    len: usize,
-    flags: u8,
-    granule: u64,
-    serial: u32,
-    sequence: u32,
-    lacing: &'a [u8],
-    body: &'a [u8],
-}
-
-/// Reads the page at `offset` (within `bytes`) and checks its CRC.
-fn read_page(bytes: &[u8], offset: usize) -> Result<Page<'_>, DecodeError> {
-    let rest = bytes.get(offset..).unwrap_or_default();
-    let truncated = || DecodeError::Truncated { offset };
-    let bad = |reason| DecodeError::BadPage { offset, reason };
-    if !rest.starts_with(b"OggS") {
-        return Err(if b"OggS".starts_with(rest) {
-            truncated()
-        } else {
-            bad("no capture pattern \"OggS\"")
-        });
-    }
-    let header: &[u8; HEADER_LEN] = rest.first_chunk().ok_or_else(truncated)?;
-    if header[4] != 0 {
-        return Err(bad("unknown Ogg version"));
-    }
-    let segments = usize::from(header[26]);
-    let lacing = rest
-        .get(HEADER_LEN..HEADER_LEN + segments)
-        .ok_or_else(truncated)?;
-    let body_len: usize = lacing.iter().map(|&l| usize::from(l)).sum();
-    let len = HEADER_LEN + segments + body_len;
-    let page = rest.get(..len).ok_or_else(truncated)?;
-    let body = page.get(HEADER_LEN + segments..).unwrap_or_default();
-
-    let stored = u32::from_le_bytes([header[22], header[23], header[24], header[25]]);
-    let mut crc = crc32_update(0, &header[..CRC_OFFSET]);
-    crc = crc32_update(crc, &[0; 4]);
-    crc = crc32_update(crc, page.get(CRC_OFFSET + 4..).unwrap_or_default());
-    if crc != stored {
-        return Err(bad("CRC mismatch"));
-    }
-    Ok(Page {
-        offset,
-        len,
-        flags: header[5],
-        granule: u64::from_le_bytes([
-            header[6], header[7], header[8], header[9], header[10], header[11], header[12],
-            header[13],
-        ]),
-        serial: u32::from_le_bytes([header[14], header[15], header[16], header[17]]),
-        sequence: u32::from_le_bytes([header[18], header[19], header[20], header[21]]),
-        lacing,
-        body,
-    })
-}
-
-/// The Opus stream being decoded.
-struct Stream {
+    parse_opts: Arc<PageParsingOptions>,
+    packets: BasePacketReader,
     serial: u32,
     next_sequence: u32,
-    /// Offset of the last page read.
-    offset: usize,
+    /// Offset of the last page of the stream read.
+    page_offset: usize,
+    /// A page of the stream has been read.
+    started: bool,
+    /// The last page of the stream ended inside a packet.
+    in_packet: bool,
+    /// Bytes of the pages that the unfinished packet spans (a bound on its
+    /// length).
+    packet_bytes: usize,
     /// Packets completed so far (0: OpusHead, 1: OpusTags, then audio).
-    packets: u64,
+    count: u64,
     /// Created from the OpusHead packet.
     decoder: Option<Decoder>,
-    /// Pre-skip in 48 kHz samples.
-    pre_skip: u64,
-    /// Every decoded sample, pre-skip included.
-    pcm: Vec<i16>,
+    /// Audio packets of the last page read that are not decoded yet, and
+    /// the samples they decode to.
+    queue: VecDeque<Vec<u8>>,
+    queued: u64,
+    /// Samples decoded so far, the pre-skip included.
+    decoded: u64,
+    /// Decoded samples dropped at the start: the pre-skip at 16 kHz.
+    skip: u64,
     /// Granule position of the first decoded sample (from the first audio
     /// page that has a granule position).
     base: Option<u64>,
-    /// Granule position of the last audio page that has one.
-    last_granule: Option<u64>,
+    /// Decoded samples from this count on are dropped (end trimming by the
+    /// granule position of the page being decoded); `None`: keep all.
+    limit: Option<u64>,
+    /// The end-of-stream page was read.
+    eos: bool,
+    /// No more pages: the end-of-stream page or the end of the input.
+    ended: bool,
 }
 
-impl Stream {
-    fn new(first: &Page<'_>) -> Self {
-        Self {
-            serial: first.serial,
-            next_sequence: first.sequence,
-            offset: first.offset,
-            packets: 0,
+/// One page read and checked (CRC included), not yet given to the packet
+/// reader.
+struct Page {
+    offset: usize,
+    header: PageHeader,
+    /// The last packet on the page goes on in the next page.
+    ends_in_packet: bool,
+    body_len: usize,
+    /// The page's first packet starts with `OpusHead`.
+    opus_head: bool,
+    page: OggPage,
+}
+
+impl<R: Read> OggOpusReader<R> {
+    /// Reads pages up to the first audio page: finds the Opus stream (the
+    /// first logical stream that begins with OpusHead) and checks its
+    /// headers.
+    pub fn new(input: R) -> Result<Self, DecodeError> {
+        let mut r = Self {
+            input,
+            offset: 0,
+            parse_opts: Arc::new(PageParsingOptions::default()),
+            packets: BasePacketReader::new(),
+            serial: 0,
+            next_sequence: 0,
+            page_offset: 0,
+            started: false,
+            in_packet: false,
+            packet_bytes: 0,
+            count: 0,
             decoder: None,
-            pre_skip: 0,
-            pcm: Vec::new(),
+            queue: VecDeque::new(),
+            queued: 0,
+            decoded: 0,
+            skip: 0,
             base: None,
-            last_granule: None,
+            limit: None,
+            eos: false,
+            ended: false,
+        };
+        loop {
+            let Some(page) = r.read_page()? else {
+                return Err(DecodeError::NoOpusHead);
+            };
+            if page.header.flags & FLAG_BOS == 0 {
+                // All streams begin before any data page does.
+                return Err(DecodeError::NoOpusHead);
+            }
+            if page.opus_head {
+                r.serial = page.header.serial;
+                r.next_sequence = page.header.sequence;
+                r.stream_page(page)?;
+                break;
+            }
+            // Another multiplexed stream.
+        }
+        while r.count < 2 {
+            if r.eos {
+                return Err(DecodeError::BadStream {
+                    offset: r.page_offset,
+                    reason: "stream ends before its OpusTags packet",
+                });
+            }
+            if r.ended {
+                return Err(DecodeError::Truncated { offset: r.offset });
+            }
+            r.next_page()?;
+        }
+        // The first audio page: its granule position gives the stream's start.
+        if r.queue.is_empty() && !r.ended {
+            r.next_page()?;
+        }
+        Ok(r)
+    }
+
+    /// Decodes the next packet and appends its samples that are kept (none
+    /// for a packet inside the pre-skip, at most [`MAX_PACKET_SAMPLES`]) to
+    /// `out`. Returns `false` at the end of the stream.
+    pub fn read(&mut self, out: &mut Vec<i16>) -> Result<bool, DecodeError> {
+        loop {
+            if let Some(packet) = self.queue.pop_front() {
+                let Some(decoder) = self.decoder.as_mut() else {
+                    return Ok(false); // Unreachable: no audio before OpusHead.
+                };
+                let pcm = decoder.decode(&packet)?;
+                let first = self.decoded;
+                let n = pcm.len() as u64;
+                self.decoded += n;
+                self.queued = self.queued.saturating_sub(n);
+                let from = self.skip.saturating_sub(first).min(n);
+                let to = self.limit.map_or(n, |l| l.saturating_sub(first).min(n));
+                if from < to {
+                    out.extend_from_slice(pcm.get(from as usize..to as usize).unwrap_or_default());
+                }
+                return Ok(true);
+            }
+            if self.ended {
+                return Ok(false);
+            }
+            self.next_page()?;
         }
     }
 
-    /// Decodes the packets that complete on `page`; `partial` holds the
-    /// start of a packet continued from the previous page, and keeps the
-    /// start of one continued on the next.
-    fn page(&mut self, page: &Page<'_>, partial: &mut Vec<u8>) -> Result<(), DecodeError> {
-        let bad = |reason| DecodeError::BadStream {
-            offset: page.offset,
-            reason,
-        };
-        self.offset = page.offset;
-        if page.sequence != self.next_sequence {
-            return Err(bad("page sequence number out of order (missing page?)"));
-        }
-        self.next_sequence = page.sequence.wrapping_add(1);
-        // A pending packet always holds at least one 255-byte segment.
-        match (page.flags & FLAG_CONTINUED != 0, partial.is_empty()) {
-            (true, true) => return Err(bad("page continues a packet that never started")),
-            (false, false) => return Err(bad("page does not continue the unfinished packet")),
-            _ => {}
-        }
+    /// How many samples the stream decodes to, going by the granule position
+    /// of its last page in `tail` (the last bytes of the input, or all of
+    /// it); `None` if `tail` holds no complete page of the stream with one.
+    /// A measure of progress: a damaged or cut stream delivers less.
+    pub fn length_from_tail(&self, tail: &[u8]) -> Option<u64> {
+        let granule = (0..tail.len())
+            .rev()
+            .filter(|&at| tail[at..].starts_with(b"OggS"))
+            .find_map(|at| self.granule_of_page_at(&tail[at..]))?;
+        let base = self.base.unwrap_or(0);
+        let end = granule.saturating_sub(base).div_ceil(GRANULE_PER_SAMPLE);
+        Some(end.saturating_sub(self.skip))
+    }
 
-        let packets_before = self.packets;
-        let (mut start, mut end) = (0, 0);
-        for &lace in page.lacing {
-            end += usize::from(lace);
-            if lace < 255 {
-                let data = page.body.get(start..end).unwrap_or_default();
-                let packet = if partial.is_empty() {
-                    data
-                } else {
-                    partial.extend_from_slice(data);
-                    partial.as_slice()
-                };
-                self.packet(packet, page.offset)?;
-                partial.clear();
-                start = end;
+    /// The granule position of the page `bytes` starts with, if it is a
+    /// complete page of the stream (CRC checked) and has one.
+    fn granule_of_page_at(&self, bytes: &[u8]) -> Option<u64> {
+        let head: &[u8; HEADER_LEN] = bytes.first_chunk()?;
+        let header = PageHeader::parse(head);
+        if header.serial != self.serial || i64::try_from(header.granule).is_err() {
+            return None;
+        }
+        let (mut parser, segments) =
+            PageParser::new_with_parse_opts(*head, Arc::clone(&self.parse_opts)).ok()?;
+        let lacing = bytes.get(HEADER_LEN..HEADER_LEN + segments)?;
+        let body_len = parser.parse_segments(lacing.to_vec());
+        let start = HEADER_LEN + segments;
+        let body = bytes.get(start..start + body_len)?;
+        parser.parse_packet_data(body.to_vec()).ok()?;
+        Some(header.granule)
+    }
+
+    /// Reads pages until one of the stream (which it takes in) or the end.
+    fn next_page(&mut self) -> Result<(), DecodeError> {
+        while let Some(page) = self.read_page()? {
+            if page.header.serial == self.serial {
+                return self.stream_page(page);
             }
         }
-        partial.extend_from_slice(page.body.get(start..).unwrap_or_default());
+        self.ended = true;
+        Ok(())
+    }
+
+    /// Reads the page at `self.offset` and checks it; `None` at the end of
+    /// the input (at a page boundary).
+    fn read_page(&mut self) -> Result<Option<Page>, DecodeError> {
+        let offset = self.offset;
+        let truncated = DecodeError::Truncated { offset };
+        let mut head = [0u8; HEADER_LEN];
+        let n = read_full(&mut self.input, &mut head)?;
+        let got = head.get(..n).unwrap_or_default();
+        if offset == 0 && !got.starts_with(b"OggS") {
+            return Err(DecodeError::NotOgg);
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        if !got.starts_with(b"OggS") {
+            return Err(if b"OggS".starts_with(got) {
+                truncated
+            } else {
+                DecodeError::BadPage {
+                    offset,
+                    reason: "no capture pattern \"OggS\"",
+                }
+            });
+        }
+        if n < HEADER_LEN {
+            return Err(truncated);
+        }
+        let header = PageHeader::parse(&head);
+        let (mut parser, segments) =
+            PageParser::new_with_parse_opts(head, Arc::clone(&self.parse_opts))
+                .map_err(|e| page_error(e, offset))?;
+        let mut lacing = vec![0; segments];
+        if read_full(&mut self.input, &mut lacing)? < segments {
+            return Err(truncated);
+        }
+        let ends_in_packet = match lacing.last() {
+            Some(&last) => last == 255,
+            // No segment: the page is all inside the packet it continues.
+            None => header.flags & FLAG_CONTINUED != 0,
+        };
+        let body_len = parser.parse_segments(lacing);
+        let mut body = vec![0; body_len];
+        if read_full(&mut self.input, &mut body)? < body_len {
+            return Err(truncated);
+        }
+        let opus_head = body.starts_with(b"OpusHead");
+        let page = parser
+            .parse_packet_data(body)
+            .map_err(|e| page_error(e, offset))?;
+        self.offset = offset.saturating_add(HEADER_LEN + segments + body_len);
+        Ok(Some(Page {
+            offset,
+            header,
+            ends_in_packet,
+            body_len,
+            opus_head,
+            page,
+        }))
+    }
+
+    /// Takes in a page of the stream: checks it follows the one before,
+    /// hands the packets that end on it to the header parsing or the decode
+    /// queue, and sets the end trimming for its audio.
+    fn stream_page(&mut self, page: Page) -> Result<(), DecodeError> {
+        let offset = page.offset;
+        let bad = |reason| DecodeError::BadStream { offset, reason };
+        let header = page.header;
+        self.page_offset = offset;
+        if header.sequence != self.next_sequence {
+            return Err(bad("page sequence number out of order (missing page?)"));
+        }
+        self.next_sequence = header.sequence.wrapping_add(1);
+        match (header.flags & FLAG_CONTINUED != 0, self.in_packet) {
+            (true, false) => return Err(bad("page continues a packet that never started")),
+            (false, true) => return Err(bad("page does not continue the unfinished packet")),
+            _ => {}
+        }
+        if self.started && header.flags & FLAG_BOS != 0 {
+            return Err(bad("beginning-of-stream flag on a later page"));
+        }
+        self.started = true;
+        self.packets
+            .push_page(page.page)
+            .map_err(|_| bad("page does not fit the stream before it"))?;
+
+        let before = self.count;
+        while let Some(packet) = self.packets.read_packet() {
+            self.packet(packet.data, offset)?;
+        }
+        self.packet_bytes = match (page.ends_in_packet, self.count > before) {
+            (false, _) => 0,
+            (true, true) => page.body_len,
+            (true, false) => self.packet_bytes.saturating_add(page.body_len),
+        };
+        if self.packet_bytes > MAX_PACKET_BYTES {
+            return Err(bad("packet longer than 16 MB"));
+        }
+        self.in_packet = page.ends_in_packet;
+        self.eos = header.flags & FLAG_EOS != 0;
+        self.ended = self.eos;
 
         // Granule positions of pages on which audio packets end; -1 (no
         // packet ends here) and other negative values are ignored.
-        let audio_ended = self.packets > packets_before.max(2);
-        if audio_ended && i64::try_from(page.granule).is_ok() {
-            if self.base.is_none() {
-                let decoded = self.pcm.len() as u64 * GRANULE_PER_SAMPLE;
-                self.base = Some(match page.granule.checked_sub(decoded) {
-                    Some(base) => base,
-                    // Less audio than decoded: end trimming on a stream
-                    // whose only audio page is the last one (RFC 7845 4.5).
-                    None if page.flags & FLAG_EOS != 0 => 0,
-                    None => return Err(bad("granule position smaller than the audio before it")),
-                });
-            }
-            self.last_granule = Some(page.granule);
+        self.limit = None;
+        let audio_ended = self.count > before.max(2);
+        if audio_ended && i64::try_from(header.granule).is_ok() {
+            let base = match self.base {
+                Some(base) => base,
+                None => {
+                    let decoded = (self.decoded + self.queued).saturating_mul(GRANULE_PER_SAMPLE);
+                    let base = match header.granule.checked_sub(decoded) {
+                        Some(base) => base,
+                        // Less audio than decoded: end trimming on a stream
+                        // whose only audio page is the last one (RFC 7845 4.5).
+                        None if self.eos => 0,
+                        None => {
+                            return Err(bad("granule position smaller than the audio before it"));
+                        }
+                    };
+                    *self.base.insert(base)
+                }
+            };
+            let end = header.granule.saturating_sub(base);
+            self.limit = Some(end.div_ceil(GRANULE_PER_SAMPLE));
         }
         Ok(())
     }
 
-    fn packet(&mut self, packet: &[u8], offset: usize) -> Result<(), DecodeError> {
-        let index = self.packets;
-        self.packets += 1;
-        match (index, self.decoder.as_mut()) {
-            (0, _) => {
-                let head = Head::parse(packet)?;
-                self.pre_skip = u64::from(head.pre_skip);
+    /// One packet completed on the page at `offset`.
+    fn packet(&mut self, packet: Vec<u8>, offset: usize) -> Result<(), DecodeError> {
+        let index = self.count;
+        self.count += 1;
+        match index {
+            0 => {
+                let head = Head::parse(&packet)?;
+                self.skip = u64::from(head.pre_skip).div_ceil(GRANULE_PER_SAMPLE);
                 self.decoder = Some(Decoder::new(&head)?);
             }
-            (1, _) => {
+            1 => {
                 if !packet.starts_with(b"OpusTags") {
                     return Err(DecodeError::BadStream {
                         offset,
@@ -334,45 +516,47 @@ impl Stream {
                     });
                 }
             }
-            (_, Some(decoder)) => {
-                if i32::try_from(packet.len()).is_err() {
-                    return Err(DecodeError::BadStream {
-                        offset,
-                        reason: "packet longer than 2 GiB",
-                    });
+            _ => {
+                // An empty packet has no TOC byte, so no duration: nothing to
+                // decode (libopus would take it for a lost packet of unknown
+                // length).
+                if let (Some(decoder), false) = (&self.decoder, packet.is_empty()) {
+                    self.queued += decoder.samples(&packet)? as u64;
+                    self.queue.push_back(packet);
                 }
-                decoder.decode(packet, &mut self.pcm)?;
             }
-            // Unreachable: a failed OpusHead ends decoding.
-            (_, None) => {}
         }
         Ok(())
     }
+}
 
-    /// Drops the pre-skip and trims the end to the last granule position.
-    fn finish(mut self, ended: bool, input_len: usize) -> Result<Vec<i16>, DecodeError> {
-        if self.packets < 2 {
-            return Err(if ended {
-                DecodeError::BadStream {
-                    offset: self.offset,
-                    reason: "stream ends before its OpusTags packet",
-                }
-            } else {
-                DecodeError::Truncated { offset: input_len }
-            });
-        }
-        let mut end = self.pcm.len();
-        if let (Some(base), Some(last)) = (self.base, self.last_granule) {
-            let samples = last.saturating_sub(base).div_ceil(GRANULE_PER_SAMPLE);
-            end = end.min(usize::try_from(samples).unwrap_or(usize::MAX));
-        }
-        let start = usize::try_from(self.pre_skip.div_ceil(GRANULE_PER_SAMPLE))
-            .unwrap_or(usize::MAX)
-            .min(end);
-        self.pcm.truncate(end);
-        self.pcm.drain(..start);
-        Ok(self.pcm)
+/// The error for a page the `ogg` crate rejects.
+fn page_error(e: OggReadError, offset: usize) -> DecodeError {
+    let bad = |reason| DecodeError::BadPage { offset, reason };
+    match e {
+        OggReadError::HashMismatch(..) => bad("CRC mismatch"),
+        OggReadError::InvalidStreamStructVer(_) => bad("unknown Ogg version"),
+        OggReadError::NoCapturePatternFound => bad("no capture pattern \"OggS\""),
+        OggReadError::ReadError(e) => DecodeError::Io(e),
+        OggReadError::InvalidData => DecodeError::BadStream {
+            offset,
+            reason: "page does not fit the stream before it",
+        },
     }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full<R: Read>(input: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while let Some(rest) = buf.get_mut(n..).filter(|rest| !rest.is_empty()) {
+        match input.read(rest) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// The OpusHead fields the decoder needs.
@@ -490,6 +674,8 @@ struct Decoder {
     mix: Option<([i32; 2], i32)>,
     /// One packet of interleaved samples.
     buf: Vec<i16>,
+    /// One packet mixed to mono (for `mix`).
+    mono: Vec<i16>,
 }
 
 impl Decoder {
@@ -516,41 +702,40 @@ impl Decoder {
             coded,
             mix,
             buf: vec![0; MAX_PACKET_SAMPLES * coded],
+            mono: vec![0; if mix.is_some() { MAX_PACKET_SAMPLES } else { 0 }],
         })
     }
 
-    /// Decodes one audio packet and appends it, as mono, to `pcm`.
-    fn decode(&mut self, packet: &[u8], pcm: &mut Vec<i16>) -> Result<(), DecodeError> {
-        if packet.is_empty() {
-            // No TOC byte, so no duration: nothing to decode (libopus
-            // would take it for a lost packet of unknown length).
-            return Ok(());
-        }
+    /// The samples (per channel) that `packet` decodes to.
+    fn samples(&self, packet: &[u8]) -> Result<usize, DecodeError> {
+        Ok(self.opus.get_nb_samples(packet)?)
+    }
+
+    /// Decodes one (non-empty) audio packet to mono.
+    fn decode(&mut self, packet: &[u8]) -> Result<&[i16], DecodeError> {
         let n = self.opus.decode(packet, &mut self.buf, false)?;
-        if pcm.len().saturating_add(n) > MAX_SAMPLES {
-            return Err(DecodeError::TooLong);
+        let Some((weights, channels)) = self.mix else {
+            return Ok(self.buf.get(..n).unwrap_or_default());
+        };
+        let frames = self.buf.chunks_exact(self.coded).take(n);
+        for (out, f) in self.mono.iter_mut().zip(frames) {
+            let sum: i32 = f.iter().zip(weights).map(|(&x, w)| i32::from(x) * w).sum();
+            *out = (sum / channels.max(1)).clamp(i16::MIN.into(), i16::MAX.into()) as i16;
         }
-        match self.mix {
-            None => pcm.extend_from_slice(self.buf.get(..n).unwrap_or_default()),
-            Some((weights, channels)) => {
-                pcm.extend(self.buf.chunks_exact(self.coded).take(n).map(|f| {
-                    let sum: i32 = f.iter().zip(weights).map(|(&x, w)| i32::from(x) * w).sum();
-                    (sum / channels.max(1)).clamp(i16::MIN.into(), i16::MAX.into()) as i16
-                }))
-            }
-        }
-        Ok(())
+        Ok(self.mono.get(..n).unwrap_or_default())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::ogg::OggPageWriter;
     use crate::codec::ogg::tests::parse;
+    use crate::codec::ogg::{OggPageWriter, crc32_update};
     use crate::codec::opus::{EncodeSettings, OggOpusWriter};
+    use std::cell::Cell;
     use std::ops::Range;
     use std::process::Command;
+    use std::rc::Rc;
 
     const SETTINGS: EncodeSettings = EncodeSettings {
         bitrate: 24_000,
@@ -757,27 +942,37 @@ mod tests {
     }
 
     #[test]
-    fn wav_bytes_round_trip_through_hound() {
-        let cases = [
-            (noise(1234, 3), 16_000),
-            (Vec::new(), 8_000),
-            (vec![i16::MIN, -1, 0, 1, i16::MAX], 48_000),
+    fn wav_from_ogg_round_trips_through_hound() {
+        let inputs = [
+            noise(1234, 3),
+            Vec::new(),
+            sine(16_000 * 2 + 77, 8000.0),
+            // Full scale both ways: hound must write the extremes as they come.
+            (0..4000)
+                .map(|i| if i % 40 < 20 { i16::MAX } else { i16::MIN })
+                .collect(),
         ];
-        for (samples, rate) in cases {
-            let wav = wav_bytes(&samples, rate);
-            assert_eq!(wav.len(), 44 + 2 * samples.len());
+        for input in inputs {
+            let ogg = hark_file(&input, 4);
+            let pcm = decode_ogg_opus(&ogg).unwrap();
+            let wav = ogg_opus_to_wav(&ogg).unwrap();
+            assert_eq!(wav.len(), 44 + 2 * pcm.len());
             let mut r = hound::WavReader::new(std::io::Cursor::new(wav)).unwrap();
             let spec = hound::WavSpec {
                 channels: 1,
-                sample_rate: rate,
+                sample_rate: 16_000,
                 bits_per_sample: 16,
                 sample_format: hound::SampleFormat::Int,
             };
             assert_eq!(r.spec(), spec);
-            assert_eq!(r.duration() as usize, samples.len());
+            assert_eq!(r.duration() as usize, input.len());
             let got: Vec<i16> = r.samples::<i16>().map(Result::unwrap).collect();
-            assert_eq!(got, samples);
+            assert_eq!(got, pcm);
         }
+        assert!(matches!(
+            ogg_opus_to_wav(b"RIFF not Ogg"),
+            Err(DecodeError::NotOgg)
+        ));
     }
 
     #[test]
@@ -850,7 +1045,7 @@ mod tests {
             Vec::new(),
             b"Ogg".to_vec(),
             b"OggT\0\0\0\0".to_vec(),
-            wav_bytes(&noise(100, 1), 16_000),
+            ogg_opus_to_wav(&hark_file(&noise(100, 1), 1)).unwrap(),
         ];
         for n in [1, 10, 100, 5000] {
             inputs.push(rng.bytes(n));
@@ -1141,6 +1336,131 @@ mod tests {
             }
             let _ = decode_ogg_opus(&b);
         }
+    }
+
+    /// Input handed out at most `step` bytes a call, counting what was
+    /// read; an error once `fail_at` bytes are read.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        pos: Rc<Cell<usize>>,
+        step: usize,
+        fail_at: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let pos = self.pos.get();
+            if pos >= self.fail_at {
+                return Err(io::Error::other("disk on fire"));
+            }
+            let n = buf.len().min(self.step).min(self.data.len() - pos);
+            buf[..n].copy_from_slice(&self.data[pos..pos + n]);
+            self.pos.set(pos + n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_reader_pulls_pages_only_as_samples_are_taken() {
+        // 20 s in hark's pages of 1 s: head, tags, then 21 audio pages.
+        let input = noise(16_000 * 20, 5);
+        let bytes = hark_file(&input, 8);
+        let pages = page_ranges(&bytes);
+        let whole = decode_ogg_opus(&bytes).unwrap();
+        assert_eq!(whole.len(), input.len());
+        let pos = Rc::new(Cell::new(0));
+        let trickle = Trickle {
+            data: &bytes,
+            pos: pos.clone(),
+            step: 7,
+            fail_at: usize::MAX,
+        };
+        let mut reader = OggOpusReader::new(trickle).unwrap();
+        // The headers and the first audio page, nothing more.
+        assert_eq!(pos.get(), pages[2].end);
+        let mut out = Vec::new();
+        let mut reads = 0;
+        loop {
+            let before = out.len();
+            if !reader.read(&mut out).unwrap() {
+                break;
+            }
+            reads += 1;
+            assert!(out.len() - before <= MAX_PACKET_SAMPLES);
+            // Audio page k (from 0) holds second k: never more than the page
+            // of the samples handed out, and the one after it, is read.
+            let ahead = (out.len() / 16_000 + 3).min(pages.len() - 1);
+            assert!(
+                pos.get() <= pages[ahead].end,
+                "{} bytes read for {} samples",
+                pos.get(),
+                out.len()
+            );
+        }
+        assert_eq!(out, whole);
+        assert_eq!(reads, 20 * 50 + 1, "one read per 20 ms packet");
+        assert_eq!(pos.get(), bytes.len());
+        assert!(!reader.read(&mut out).unwrap(), "ended stays ended");
+
+        // A read error is an error (not an end), with the reader's message.
+        let trickle = Trickle {
+            data: &bytes,
+            pos: Rc::new(Cell::new(0)),
+            step: 1000,
+            fail_at: pages[5].start + 3,
+        };
+        let mut reader = OggOpusReader::new(trickle).unwrap();
+        let mut out = Vec::new();
+        let err = loop {
+            match reader.read(&mut out) {
+                Ok(true) => {}
+                Ok(false) => panic!("ended without the error"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, DecodeError::Io(_)), "{err}");
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(out, whole[..out.len()]);
+    }
+
+    #[test]
+    fn length_from_the_last_page_is_the_decoded_length() {
+        for n in [0usize, 1, 321, 16_000 * 3 + 7] {
+            let bytes = hark_file(&noise(n, 2), 6);
+            let reader = OggOpusReader::new(bytes.as_slice()).unwrap();
+            assert_eq!(reader.length_from_tail(&bytes), Some(n as u64), "n = {n}");
+            let last = page_ranges(&bytes).pop().unwrap();
+            let tail = &bytes[last.clone()];
+            assert_eq!(reader.length_from_tail(tail), Some(n as u64), "n = {n}");
+            // The last page cut, damaged, or of another stream: not taken.
+            assert_eq!(reader.length_from_tail(&tail[..tail.len() - 1]), None);
+            let mut damaged = tail.to_vec();
+            damaged[HEADER_LEN + 3] ^= 1;
+            assert_eq!(reader.length_from_tail(&damaged), None);
+            let other = hark_file(&noise(n, 2), 7);
+            assert_eq!(reader.length_from_tail(&other), None);
+            assert_eq!(reader.length_from_tail(b""), None);
+        }
+        // A cut file: the last complete page counts.
+        let bytes = hark_file(&noise(16_000 * 3, 2), 6);
+        let pages = page_ranges(&bytes);
+        let cut = &bytes[..pages[3].end + 10];
+        let reader = OggOpusReader::new(cut).unwrap();
+        let decoded = decode_ogg_opus(&bytes[..pages[3].end]).unwrap();
+        assert_eq!(reader.length_from_tail(cut), Some(decoded.len() as u64));
+
+        // A stream whose first sample is not at granule 0 (cut from a longer
+        // one): its length is counted from its start.
+        let n = 16_000 * 2 + 99;
+        let (packets, pre_skip) = encode_packets(&sine(n, 8000.0), false);
+        let late: Vec<(Vec<u8>, u64)> = packets
+            .into_iter()
+            .map(|(p, g)| (p, g + 48_000 * 3600))
+            .collect();
+        let bytes = mux(&opus_head(1, pre_skip, 0, 0, &[]), &late, 5, 50);
+        assert_eq!(decode_ogg_opus(&bytes).unwrap().len(), n);
+        let reader = OggOpusReader::new(bytes.as_slice()).unwrap();
+        assert_eq!(reader.length_from_tail(&bytes), Some(n as u64));
     }
 
     #[test]

@@ -1,4 +1,9 @@
-//! Encoding captured utterances to Ogg/Opus files.
+//! Ogg/Opus both ways: utterances encoded into the spool as they are captured ([`opus`] on
+//! hark's own page writer, [`ogg`]), and Ogg/Opus read back as a stream of 16 kHz mono ([`decode`]:
+//! input files, and spool files for the upload's WAV fallback).
+//!
+//! Deliberately not here: other codecs or containers (FLAC and MP3 input are symphonia's, in
+//! `capture::media`), resampling, and anything about where the bytes go.
 
 pub mod decode;
 pub mod ogg;

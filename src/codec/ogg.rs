@@ -1,28 +1,79 @@
-//! Minimal Ogg page muxer (RFC 3533) for writing a single logical stream.
+//! Minimal Ogg page muxer (RFC 3533) for writing a single logical stream,
+//! and the page header layout that hark's Ogg reader shares with it.
 //!
-//! It packs packets into pages (lacing values, continued packets, BOS/EOS
-//! flags, sequence numbers, CRC-32) and writes each finished page straight to
-//! the underlying writer. It deliberately does not: read or demux Ogg,
-//! interleave several logical streams, or know anything about the codec inside
-//! (granule positions are whatever the caller passes). The page buffers are
-//! allocated once in [`OggPageWriter::new`], so steady-state writing does not
-//! allocate.
+//! [`OggPageWriter`] packs packets into pages (lacing values, continued
+//! packets, BOS/EOS flags, sequence numbers, CRC-32) and writes each finished
+//! page straight to the underlying writer. The page buffers are allocated
+//! once in [`OggPageWriter::new`], so steady-state writing does not allocate:
+//! it runs on the capture path, once per 20 ms packet of every utterance.
+//!
+//! Why hark writes pages itself rather than with the `ogg` crate's
+//! `PacketWriter` (0.9; [`decode`](super::decode) uses the crate's reading
+//! half): `PacketWriter` allocates on the capture path. Each `write_packet`
+//! builds a new per-stream state, a 255-entry `Vec` included, before finding
+//! the existing one, and each page's header is a fresh `Vec`: 510 allocations
+//! for 500 packets in 10 pages, measured with a counting allocator. And it
+//! keeps the packets of the page being built as `Cow<'writer, [u8]>` until the
+//! page is written, so the encoder's reused packet buffer could only be handed
+//! over as an owned copy: 1010 allocations for the same 500 packets. Its pages
+//! would otherwise do (a page can be ended after any packet, the granule
+//! position is the last finished packet's, EOS is set by the last packet).
+//!
+//! It deliberately does not: read or demux Ogg (that is the `ogg` crate's
+//! job, in [`decode`](super::decode); `PageHeader` only names the fields
+//! the reader checks), interleave several logical streams, or know anything
+//! about the codec inside (granule positions are whatever the caller passes).
 
 use std::io::{self, Write};
 
 /// Most lacing values (segments) one page can hold.
 const MAX_SEGMENTS: usize = 255;
 /// Fixed part of the page header, before the lacing values.
-const HEADER_LEN: usize = 27;
+pub(crate) const HEADER_LEN: usize = 27;
+/// Where the fields of the page header are (RFC 3533, section 6): the capture
+/// pattern `OggS` and the version (0) come first, then these.
+const FLAGS_AT: usize = 5;
+const GRANULE_AT: usize = 6;
+const SERIAL_AT: usize = 14;
+const SEQUENCE_AT: usize = 18;
 /// Offset of the CRC field within the page header.
 const CRC_OFFSET: usize = 22;
+const SEGMENTS_AT: usize = 26;
 
-const FLAG_CONTINUED: u8 = 0x01;
-const FLAG_BOS: u8 = 0x02;
-const FLAG_EOS: u8 = 0x04;
+/// Header type flags.
+pub(crate) const FLAG_CONTINUED: u8 = 0x01;
+pub(crate) const FLAG_BOS: u8 = 0x02;
+pub(crate) const FLAG_EOS: u8 = 0x04;
 
 /// Granule position of a page on which no packet completes (-1).
 pub const NO_GRANULE: u64 = u64::MAX;
+
+/// The fields of a page header that a reader checks itself. The capture
+/// pattern, version, lacing values and CRC are the `ogg` crate's to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PageHeader {
+    /// Header type flags ([`FLAG_CONTINUED`], [`FLAG_BOS`], [`FLAG_EOS`]).
+    pub flags: u8,
+    /// Granule position; [`NO_GRANULE`] if no packet ends on the page.
+    pub granule: u64,
+    pub serial: u32,
+    pub sequence: u32,
+}
+
+impl PageHeader {
+    /// Reads the fields out of the first [`HEADER_LEN`] bytes of a page.
+    pub(crate) fn parse(h: &[u8; HEADER_LEN]) -> Self {
+        let mut granule = [0; 8];
+        granule.copy_from_slice(&h[GRANULE_AT..GRANULE_AT + 8]);
+        let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        Self {
+            flags: h[FLAGS_AT],
+            granule: u64::from_le_bytes(granule),
+            serial: u32_at(SERIAL_AT),
+            sequence: u32_at(SEQUENCE_AT),
+        }
+    }
+}
 
 /// CRC lookup table for the Ogg CRC-32 (poly 0x04c11db7, init 0, unreflected).
 const CRC_TABLE: [u32; 256] = crc_table();
@@ -149,12 +200,12 @@ impl<W: Write> OggPageWriter<W> {
         let h = &mut self.header;
         h[..4].copy_from_slice(b"OggS");
         h[4] = 0;
-        h[5] = header_type;
-        h[6..14].copy_from_slice(&self.granule.to_le_bytes());
-        h[14..18].copy_from_slice(&self.serial.to_le_bytes());
-        h[18..22].copy_from_slice(&self.sequence.to_le_bytes());
+        h[FLAGS_AT] = header_type;
+        h[GRANULE_AT..GRANULE_AT + 8].copy_from_slice(&self.granule.to_le_bytes());
+        h[SERIAL_AT..SERIAL_AT + 4].copy_from_slice(&self.serial.to_le_bytes());
+        h[SEQUENCE_AT..SEQUENCE_AT + 4].copy_from_slice(&self.sequence.to_le_bytes());
         h[CRC_OFFSET..CRC_OFFSET + 4].fill(0);
-        h[26] = self.segments as u8;
+        h[SEGMENTS_AT] = self.segments as u8;
         let header = &mut h[..HEADER_LEN + self.segments];
         let crc = crc32_update(crc32_update(0, header), &self.body);
         header[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
@@ -340,6 +391,32 @@ pub(crate) mod tests {
             got.iter().map(|(_, i)| *i).collect::<Vec<_>>(),
             [0, 0, 1, 1, 2, 2]
         );
+    }
+
+    #[test]
+    fn page_header_reads_back_what_the_writer_wrote() {
+        let mut w = OggPageWriter::new(Vec::new(), 0xDEAD_BEEF);
+        w.write_packet(&[7; 300], 0, true).unwrap();
+        w.write_packet(&vec![1; 255 * 255 + 3], 1 << 40, false)
+            .unwrap();
+        let bytes = w.finish(&[2; 10], u64::MAX - 5).unwrap();
+        let (pages, _) = parse(&bytes);
+        let mut pos = 0;
+        for page in &pages {
+            let head: &[u8; HEADER_LEN] = bytes[pos..].first_chunk().unwrap();
+            let expected = PageHeader {
+                flags: page.header_type,
+                granule: page.granule,
+                serial: page.serial,
+                sequence: page.sequence,
+            };
+            assert_eq!(PageHeader::parse(head), expected);
+            pos += HEADER_LEN + page.lacing.len() + page.body.len();
+        }
+        let flags: Vec<u8> = pages.iter().map(|p| p.header_type).collect();
+        assert_eq!(flags, [FLAG_BOS, 0, FLAG_CONTINUED | FLAG_EOS]);
+        assert_eq!(pages[2].granule, u64::MAX - 5);
+        assert_eq!(pages[1].granule, NO_GRANULE);
     }
 
     #[test]

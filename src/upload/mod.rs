@@ -424,8 +424,7 @@ impl Audio {
             return Ok(&self.ogg);
         }
         if self.wav.is_none() {
-            let pcm = decode::decode_ogg_opus(&self.ogg)?;
-            self.wav = Some(decode::wav_bytes(&pcm, crate::capture::SAMPLE_RATE));
+            self.wav = Some(decode::ogg_opus_to_wav(&self.ogg)?);
         }
         Ok(self.wav.as_deref().unwrap_or_default())
     }
