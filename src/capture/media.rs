@@ -39,6 +39,7 @@ use symphonia::core::formats::probe::Hint;
 use symphonia::core::formats::{FormatOptions, FormatReader, TrackType};
 use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions, ReadOnlySource};
 use symphonia::core::meta::MetadataOptions;
+use symphonia::core::packet::Packet;
 
 use super::file::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
@@ -154,6 +155,136 @@ struct Decoder {
     next_ts: Option<i64>,
 }
 
+/// A demuxer and decoder just opened, and what it says of the stream.
+struct Opened {
+    demux: Demux,
+    rate: u32,
+    channels: usize,
+    /// Frames in the stream, when its header or last page says.
+    frames: Option<u64>,
+    /// The decoded-packet buffer, sized for the largest packet.
+    pending: Vec<i16>,
+    max_packet_frames: u64,
+}
+
+impl Opened {
+    fn new(
+        path: &Path,
+        kind: MediaKind,
+        file: File,
+        magic: Vec<u8>,
+        regular: bool,
+    ) -> Result<Opened, CaptureError> {
+        let shown = path.display().to_string();
+        let media_err = |source: MediaError| CaptureError::Media {
+            path: shown.clone(),
+            source,
+        };
+        let input_err = |source| CaptureError::Input {
+            path: shown.clone(),
+            source,
+        };
+        Ok(match kind {
+            MediaKind::OggOpus => {
+                let (input, tail) = ogg_input(file, magic, regular).map_err(input_err)?;
+                let reader = OggOpusReader::new(input).map_err(|e| ogg_error(&shown, e))?;
+                let frames = tail.and_then(|tail| reader.length_from_tail(&tail));
+                let pending = Vec::with_capacity(MAX_PACKET_SAMPLES);
+                Opened {
+                    demux: Demux::Ogg(Box::new(reader)),
+                    rate: SAMPLE_RATE,
+                    channels: 1,
+                    frames,
+                    pending,
+                    max_packet_frames: 0,
+                }
+            }
+            MediaKind::Flac | MediaKind::Mp3 => {
+                let source: Box<dyn symphonia::core::io::MediaSource> = if regular {
+                    let mut file = file;
+                    file.seek(SeekFrom::Start(0)).map_err(input_err)?;
+                    Box::new(file)
+                } else {
+                    Box::new(ReadOnlySource::new(Cursor::new(magic).chain(file)))
+                };
+                let (decoder, info) = Decoder::open(source, path, kind).map_err(|e| match e {
+                    MediaError::Decode(SymphoniaError::IoError(e))
+                        if e.kind() != io::ErrorKind::UnexpectedEof =>
+                    {
+                        input_err(e)
+                    }
+                    e => media_err(e),
+                })?;
+                let max = info.max_packet_frames.clamp(1, MAX_PACKET_FRAMES);
+                let pending = Vec::with_capacity(max as usize * info.channels);
+                Opened {
+                    demux: Demux::Symphonia(decoder),
+                    rate: info.rate,
+                    channels: info.channels,
+                    frames: info.frames,
+                    pending,
+                    max_packet_frames: max,
+                }
+            }
+        })
+    }
+}
+
+impl Decoder {
+    /// The next packet of the track; `None` at the end (or where a cut stream was cut).
+    fn next_packet(&mut self, path: &str) -> Result<Option<Packet>, CaptureError> {
+        loop {
+            match self.format.next_packet() {
+                Ok(Some(packet)) if packet.track_id == self.track => return Ok(Some(packet)),
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(None),
+                // A stream cut short ends where it was cut.
+                Err(SymphoniaError::IoError(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    return Ok(None);
+                }
+                Err(SymphoniaError::IoError(source)) => {
+                    return Err(CaptureError::Input {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+                Err(e) => return Err(stream_error(path, e)),
+            }
+        }
+    }
+
+    /// Frames missing before `packet`. The demuxer skips a damaged FLAC frame and resyncs on the
+    /// next one, whose timestamp shows the hole: it is filled with silence, so later speech keeps
+    /// its time. (An MP3 demuxer cannot tell: its timestamps only count the frames it found.)
+    /// A jump of more than `MAX_GAP_S` is damage, not a hole.
+    fn gap(&mut self, packet: &Packet, rate: u32) -> Result<u64, String> {
+        if !self.frames_timebase {
+            return Ok(0);
+        }
+        let pts = packet.pts.get();
+        let raw_dur = packet
+            .dur
+            .get()
+            .saturating_add(packet.trim_start.get())
+            .saturating_add(packet.trim_end.get());
+        let mut gap = 0;
+        if let Some(expected) = self.next_ts
+            && pts > expected
+        {
+            gap = pts.abs_diff(expected);
+            if gap > u64::from(rate) * MAX_GAP_S {
+                return Err(format!(
+                    "the stream jumps {} s ahead at {} s: damaged",
+                    gap / u64::from(rate),
+                    expected.max(0) as u64 / u64::from(rate)
+                ));
+            }
+        }
+        self.next_ts = Some(pts.saturating_add_unsigned(raw_dur));
+        Ok(gap)
+    }
+}
+
 impl MediaSource {
     /// Open `path` as `kind`: `file` is it opened, with its first bytes `magic` already read
     /// (put back in front when the file is a pipe; a regular file is rewound).
@@ -178,43 +309,14 @@ impl MediaSource {
         if magic.is_empty() {
             return Err(media_err(MediaError::Unusable("the file is empty".into())));
         }
-        let (decoder, rate, channels, frames, pending, max_packet_frames) = match kind {
-            MediaKind::OggOpus => {
-                let (input, tail) = ogg_input(file, magic, regular).map_err(input_err)?;
-                let reader = OggOpusReader::new(input).map_err(|e| ogg_error(&shown, e))?;
-                let frames = tail.and_then(|tail| reader.length_from_tail(&tail));
-                let pending = Vec::with_capacity(MAX_PACKET_SAMPLES);
-                let decoder = Demux::Ogg(Box::new(reader));
-                (decoder, SAMPLE_RATE, 1, frames, pending, 0)
-            }
-            MediaKind::Flac | MediaKind::Mp3 => {
-                let source: Box<dyn symphonia::core::io::MediaSource> = if regular {
-                    let mut file = file;
-                    file.seek(SeekFrom::Start(0)).map_err(input_err)?;
-                    Box::new(file)
-                } else {
-                    Box::new(ReadOnlySource::new(Cursor::new(magic).chain(file)))
-                };
-                let (decoder, info) = Decoder::open(source, path, kind).map_err(|e| match e {
-                    MediaError::Decode(SymphoniaError::IoError(e))
-                        if e.kind() != io::ErrorKind::UnexpectedEof =>
-                    {
-                        input_err(e)
-                    }
-                    e => media_err(e),
-                })?;
-                let max = info.max_packet_frames.clamp(1, MAX_PACKET_FRAMES);
-                let pending = Vec::with_capacity(max as usize * info.channels);
-                (
-                    Demux::Symphonia(decoder),
-                    info.rate,
-                    info.channels,
-                    info.frames,
-                    pending,
-                    max,
-                )
-            }
-        };
+        let Opened {
+            demux: decoder,
+            rate,
+            channels,
+            frames,
+            pending,
+            max_packet_frames,
+        } = Opened::new(path, kind, file, magic, regular)?;
         if let ChannelSel::Index(c) = channel
             && c as usize >= channels
         {
@@ -329,49 +431,10 @@ impl MediaSource {
             path: path.to_owned(),
             source: MediaError::Unusable(why),
         };
-        let packet = loop {
-            match dec.format.next_packet() {
-                Ok(Some(packet)) if packet.track_id == dec.track => break packet,
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(false),
-                // A stream cut short ends where it was cut.
-                Err(SymphoniaError::IoError(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    return Ok(false);
-                }
-                Err(SymphoniaError::IoError(source)) => {
-                    return Err(CaptureError::Input {
-                        path: path.to_owned(),
-                        source,
-                    });
-                }
-                Err(e) => return Err(stream_error(path, e)),
-            }
+        let Some(packet) = dec.next_packet(path)? else {
+            return Ok(false);
         };
-        // The demuxer skips a damaged FLAC frame and resyncs on the next one, whose timestamp
-        // shows the hole: fill it with silence, so later speech keeps its time. (An MP3 demuxer
-        // cannot tell: its timestamps only count the frames it found.)
-        let pts = packet.pts.get();
-        let raw_dur = packet
-            .dur
-            .get()
-            .saturating_add(packet.trim_start.get())
-            .saturating_add(packet.trim_end.get());
-        let mut gap = 0;
-        if dec.frames_timebase {
-            if let Some(expected) = dec.next_ts
-                && pts > expected
-            {
-                gap = pts.abs_diff(expected);
-                if gap > u64::from(self.rate) * MAX_GAP_S {
-                    return Err(unusable(format!(
-                        "the stream jumps {} s ahead at {} s: damaged",
-                        gap / u64::from(self.rate),
-                        expected.max(0) as u64 / u64::from(self.rate)
-                    )));
-                }
-            }
-            dec.next_ts = Some(pts.saturating_add_unsigned(raw_dur));
-        }
+        let gap = dec.gap(&packet, self.rate).map_err(unusable)?;
         let decoded = match dec.decoder.decode(&packet) {
             Ok(audio) => {
                 let (rate, channels) = (audio.spec().rate(), audio.spec().channels().count());
