@@ -398,10 +398,6 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
     }
 }
 
-/// Hides the userinfo (`user:password@`) of a URL: [`crate::url::redact`], under the name
-/// callers written before `url` existed still use.
-pub use crate::url::redact as redact_url;
-
 /// Whether an MQTT topic level may hold this text (no wildcards, no NUL): checked for
 /// `output.mqtt.topic_prefix` here and for the device id when the MQTT sink starts.
 pub fn topic_text_ok(s: &str) -> bool {

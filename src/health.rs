@@ -13,9 +13,9 @@ use crate::bus::Events;
 use crate::event::{EventKind, State};
 use crate::notify::{self, Beat};
 use crate::pipeline::{PipelineHealth, Probe};
-use crate::sink;
 use crate::spool::Spool;
 use crate::upload::OnState;
+use crate::{bus, sink};
 
 /// The status of one session, shared by the control loop and the upload threads.
 pub struct Health {
@@ -24,7 +24,7 @@ pub struct Health {
     events: Events,
     capture: OnceLock<Probe>,
     upload_down: AtomicBool,
-    dropped: sink::Dropped,
+    dropped: bus::Dropped,
 }
 
 impl Health {
@@ -34,7 +34,7 @@ impl Health {
         started: Instant,
         spool: &Arc<Spool>,
         events: Events,
-        dropped: sink::Dropped,
+        dropped: bus::Dropped,
         status: &sink::socket::StatusSource,
     ) -> Arc<Health> {
         let health = Arc::new(Health {

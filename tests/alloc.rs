@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hark::capture::alsa::AlsaSource;
 use hark::capture::file::{FileSource, open_input};
-use hark::capture::{self, Chunk, Flow, Shared, Source};
+use hark::capture::{self, Chunk, Flow, RingState, Source};
 use hark::config::ChannelSel;
 
 struct Counting;
@@ -54,7 +54,7 @@ static GLOBAL: Counting = Counting;
 /// Run `periods` periods of `source` with the counter armed; returns the allocations, the samples
 /// that reached the ring and the samples lost to overruns.
 fn count(source: &mut dyn Source, periods: usize, ring_samples: usize) -> (u64, u64, u64) {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(RingState::default());
     let (mut writer, mut reader) = capture::ring(ring_samples, shared.clone());
     let mut out = vec![0i16; ring_samples];
     let mut samples = 0u64;

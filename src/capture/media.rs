@@ -140,12 +140,12 @@ pub struct MediaSource {
 /// Where the samples come from.
 enum Demux {
     /// FLAC or MP3: symphonia.
-    Symphonia(Decoder),
+    Symphonia(SymphoniaDecoder),
     /// Ogg/Opus at 16 kHz mono.
     Ogg(Box<OggOpusReader<OggInput>>),
 }
 
-struct Decoder {
+struct SymphoniaDecoder {
     format: Box<dyn FormatReader>,
     decoder: Box<dyn AudioDecoder>,
     track: u32,
@@ -207,14 +207,15 @@ impl Opened {
                 } else {
                     Box::new(ReadOnlySource::new(Cursor::new(magic).chain(file)))
                 };
-                let (decoder, info) = Decoder::open(source, path, kind).map_err(|e| match e {
-                    MediaError::Decode(SymphoniaError::IoError(e))
-                        if e.kind() != io::ErrorKind::UnexpectedEof =>
-                    {
-                        input_err(e)
-                    }
-                    e => media_err(e),
-                })?;
+                let (decoder, info) =
+                    SymphoniaDecoder::open(source, path, kind).map_err(|e| match e {
+                        MediaError::Decode(SymphoniaError::IoError(e))
+                            if e.kind() != io::ErrorKind::UnexpectedEof =>
+                        {
+                            input_err(e)
+                        }
+                        e => media_err(e),
+                    })?;
                 let max = info.max_packet_frames.clamp(1, MAX_PACKET_FRAMES);
                 let pending = Vec::with_capacity(max as usize * info.channels);
                 Opened {
@@ -230,7 +231,7 @@ impl Opened {
     }
 }
 
-impl Decoder {
+impl SymphoniaDecoder {
     /// The next packet of the track; `None` at the end (or where a cut stream was cut).
     fn next_packet(&mut self, path: &str) -> Result<Option<Packet>, CaptureError> {
         loop {
@@ -527,14 +528,14 @@ struct TrackInfo {
     max_packet_frames: u64,
 }
 
-impl Decoder {
+impl SymphoniaDecoder {
     /// Probe `source` (a FLAC or MP3 file), pick the first audio track with a known codec and
     /// make its decoder, with gapless trimming (MP3's encoder delay and padding removed).
     fn open(
         source: Box<dyn symphonia::core::io::MediaSource>,
         path: &Path,
         kind: MediaKind,
-    ) -> Result<(Decoder, TrackInfo), MediaError> {
+    ) -> Result<(SymphoniaDecoder, TrackInfo), MediaError> {
         let mss = MediaSourceStream::new(source, MediaSourceStreamOptions::default());
         let mut hint = Hint::new();
         let ext = path.extension().and_then(|e| e.to_str());
@@ -596,7 +597,7 @@ impl Decoder {
             max_packet_frames,
         };
         Ok((
-            Decoder {
+            SymphoniaDecoder {
                 format,
                 decoder,
                 track: track_id,
@@ -727,7 +728,7 @@ mod tests {
 
     use super::*;
     use crate::capture::file::open_input;
-    use crate::capture::{Chunk, Shared, ring};
+    use crate::capture::{Chunk, RingState, ring};
     use crate::codec::{EncodeSettings, OggOpusWriter};
 
     /// A FLAC file with verbatim (uncompressed) subframes of 16-bit samples, `block` frames each:
@@ -821,7 +822,7 @@ mod tests {
 
     /// Read a source to its end (or first error) through a ring: the 16 kHz samples it delivered.
     fn read_all(source: &mut dyn Source) -> (Vec<i16>, Result<(), CaptureError>) {
-        let (mut w, mut r) = ring(4_000_000, Arc::new(Shared::default()));
+        let (mut w, mut r) = ring(4_000_000, Arc::new(RingState::default()));
         let result = loop {
             match source.read_period(&mut w) {
                 Ok(Flow::Continue) => {}

@@ -146,7 +146,7 @@ pub struct Gap {
 
 /// State shared by the capture thread, the dsp thread and the control thread.
 #[derive(Debug, Default)]
-pub struct Shared {
+pub struct RingState {
     /// Set by the control thread: capture stops, dsp drains and closes the open utterance.
     pub stop: AtomicBool,
     /// Set by the capture thread when it will push no more samples.
@@ -179,7 +179,7 @@ pub struct Shared {
     pub consumer: OnceLock<Thread>,
 }
 
-impl Shared {
+impl RingState {
     fn wake(thread: &OnceLock<Thread>) {
         if let Some(t) = thread.get() {
             t.unpark();
@@ -193,7 +193,7 @@ pub struct RingWriter {
     gaps: HeapProd<Gap>,
     /// Stream position of the next sample (lost samples included).
     pos: u64,
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
     wait: bool,
     /// A loss not yet in the gap ring: consecutive losses merge into it, and it is published
     /// before the next sample that makes it into the ring.
@@ -205,7 +205,7 @@ pub struct RingReader {
     samples: HeapCons<i16>,
     gaps: HeapCons<Gap>,
     pos: u64,
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
 }
 
 /// What [`RingReader::read`] returned.
@@ -223,7 +223,7 @@ pub enum Chunk {
 const GAP_CAPACITY: usize = 64;
 
 /// Make a ring of `capacity` samples.
-pub fn ring(capacity: usize, shared: Arc<Shared>) -> (RingWriter, RingReader) {
+pub fn ring(capacity: usize, shared: Arc<RingState>) -> (RingWriter, RingReader) {
     let (samples_tx, samples_rx) = HeapRb::<i16>::new(capacity.max(1)).split();
     let (gaps_tx, gaps_rx) = HeapRb::<Gap>::new(GAP_CAPACITY).split();
     (
@@ -322,7 +322,7 @@ impl RingWriter {
     }
 
     fn wake_consumer(&self) {
-        Shared::wake(&self.shared.consumer);
+        RingState::wake(&self.shared.consumer);
     }
 
     /// The stream position of the next sample.
@@ -352,7 +352,7 @@ impl RingReader {
         if self.shared.producer_waiting.load(Ordering::SeqCst)
             && self.samples.vacant_len() >= self.samples.capacity().get() / 2
         {
-            Shared::wake(&self.shared.producer);
+            RingState::wake(&self.shared.producer);
         }
         Chunk::Samples(n)
     }
@@ -381,7 +381,7 @@ impl RingReader {
         self.pos
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub fn shared(&self) -> &Arc<RingState> {
         &self.shared
     }
 }
@@ -569,7 +569,7 @@ impl Resample {
 /// Owns the capture thread. Dropping it stops the thread and joins it (or, for a source blocked in
 /// a read that cannot be interrupted, such as stdin, leaves it to end with the process).
 pub struct CaptureHandle {
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -614,7 +614,7 @@ pub fn spawn(
         .spawn(move || {
             let shared = ring.shared.clone();
             // However the thread ends (even by a panic), the dsp thread learns that it did.
-            let _finished = Finished(shared.clone());
+            let _end = EndGuard(shared.clone());
             let _ = shared.producer.set(thread::current());
             realtime::promote_current_thread(source.realtime_priority());
             let mut attempt = 0u32;
@@ -681,13 +681,13 @@ pub fn spawn(
 }
 
 /// Marks the capture thread finished when dropped.
-struct Finished(Arc<Shared>);
+struct EndGuard(Arc<RingState>);
 
-impl Drop for Finished {
+impl Drop for EndGuard {
     fn drop(&mut self) {
         self.0.capturing.store(false, Ordering::Release);
         self.0.finished.store(true, Ordering::Release);
-        Shared::wake(&self.0.consumer);
+        RingState::wake(&self.0.consumer);
     }
 }
 
@@ -707,7 +707,7 @@ fn report(events: &Events, e: &CaptureError, retrying: bool) {
 
 /// Wait before reopening a device, in short steps that tell the watchdog this thread is alive: a
 /// missing device is reported as degraded, not fixed by restarting hark.
-fn park_unless_stopped(shared: &Shared, delay: Duration) {
+fn park_unless_stopped(shared: &RingState, delay: Duration) {
     const STEP: Duration = Duration::from_millis(100);
     let until = std::time::Instant::now() + delay;
     while !shared.stop.load(Ordering::Acquire) {
@@ -726,7 +726,7 @@ mod tests {
 
     #[test]
     fn reader_stops_at_gaps_and_keeps_the_timeline() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (mut w, mut r) = ring(8, shared.clone());
         assert!(w.push(&[1, 2, 3, 4, 5, 6]));
         // Only 2 of these 4 fit: an overrun of 2 samples at position 8.
@@ -745,7 +745,7 @@ mod tests {
 
     #[test]
     fn back_to_back_losses_make_one_gap_published_before_later_samples() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (mut w, mut r) = ring(4, shared.clone());
         assert!(w.push(&[1, 2, 3, 4]));
         // The ring stays full for three periods: one loss of 9 samples.
@@ -770,7 +770,7 @@ mod tests {
 
     #[test]
     fn a_full_gap_ring_loses_samples_but_keeps_the_timeline() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (mut w, mut r) = ring(1000, shared);
         for i in 0..GAP_CAPACITY + 6 {
             assert!(w.push(&[i as i16]));
@@ -802,7 +802,7 @@ mod tests {
     }
 
     fn convert_all(rate: u32, channels: usize, sel: ChannelSel, input: &[i16]) -> Vec<i16> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (mut w, mut r) = ring(input.len() + 100_000, shared);
         let mut conv = Converter::new(rate, channels, sel, 1000).unwrap();
         for chunk in input.chunks(333 * channels) {
@@ -834,7 +834,7 @@ mod tests {
     // stream went silent after 2^32 output samples (74.6 hours of a 48 kHz microphone).
     #[test]
     fn resampling_goes_on_past_2_to_the_32_samples() {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (mut w, mut r) = ring(100_000, shared);
         let mut resample = Resample::new(48_000).unwrap();
         resample.skip = 0;

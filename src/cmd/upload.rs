@@ -2,15 +2,16 @@
 //! endpoint answers, it gives up and the rest stays in the spool for the next try.
 
 use super::Error;
-use crate::config::{Config, redact_url};
+use crate::config::Config;
 use crate::session::shutdown;
 use crate::session::{Outputs, Plain, Plan, Session, Uploads};
 use crate::upload::{Patience, Report, Setup, SetupError};
+use crate::url;
 
 pub fn run(config: &Config) -> Result<Report, Error> {
     let Some(setup) = Setup::from_config(&config.transcribe)? else {
         return Err(Error::Setup(SetupError::NoKey {
-            endpoint: redact_url(&config.transcribe.endpoint),
+            endpoint: url::redact(&config.transcribe.endpoint),
             env: config.transcribe.api_key_env.clone(),
         }));
     };

@@ -203,7 +203,7 @@ pub struct OggOpusReader<R> {
     /// Packets completed so far (0: OpusHead, 1: OpusTags, then audio).
     count: u64,
     /// Created from the OpusHead packet.
-    decoder: Option<Decoder>,
+    decoder: Option<OpusDecoder>,
     /// Audio packets of the last page read that are not decoded yet, and
     /// the samples they decode to.
     queue: VecDeque<Vec<u8>>,
@@ -506,7 +506,7 @@ impl<R: Read> OggOpusReader<R> {
             0 => {
                 let head = Head::parse(&packet)?;
                 self.skip = u64::from(head.pre_skip).div_ceil(GRANULE_PER_SAMPLE);
-                self.decoder = Some(Decoder::new(&head)?);
+                self.decoder = Some(OpusDecoder::new(&head)?);
             }
             1 => {
                 if !packet.starts_with(b"OpusTags") {
@@ -666,7 +666,7 @@ impl Head {
 }
 
 /// libopus decoder at 16 kHz plus the mixing to mono.
-struct Decoder {
+struct OpusDecoder {
     opus: opus::Decoder,
     /// Channels decoded by libopus; 1 if it downmixes.
     coded: usize,
@@ -678,7 +678,7 @@ struct Decoder {
     mono: Vec<i16>,
 }
 
-impl Decoder {
+impl OpusDecoder {
     fn new(head: &Head) -> Result<Self, DecodeError> {
         let (coded, mix) = match head.layout {
             Layout::Mono => (1, None),

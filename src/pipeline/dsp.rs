@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::history::History;
 use super::{DspConfig, DspUpdate, Summary};
 use crate::bus::Events;
-use crate::capture::{Chunk, RingReader, SAMPLE_RATE, Shared};
+use crate::capture::{Chunk, RingReader, RingState, SAMPLE_RATE};
 use crate::codec::{EncodeError, OggOpusWriter};
 use crate::event::{DropReason, EndReason, EventKind, Stage};
 use crate::spool::{Entry, Part, Spool, UtteranceMeta};
@@ -43,7 +43,7 @@ pub(super) struct Dsp {
     vendor: String,
     last_start_time: Option<SystemTime>,
     /// Where the utterance count is published (set when `run` starts).
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<RingState>>,
 }
 
 impl Dsp {

@@ -13,7 +13,7 @@ mod dsp;
 mod history;
 
 use crate::bus::Events;
-use crate::capture::{self, CaptureHandle, SAMPLE_RATE, Shared, Source};
+use crate::capture::{self, CaptureHandle, RingState, SAMPLE_RATE, Source};
 use crate::codec::EncodeSettings;
 use crate::config::Config;
 use crate::spool::Spool;
@@ -98,7 +98,7 @@ pub struct Summary {
 pub struct Pipeline {
     capture: Option<CaptureHandle>,
     dsp: Option<JoinHandle<Summary>>,
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
     updates: Sender<DspUpdate>,
 }
 
@@ -114,7 +114,7 @@ impl Pipeline {
         events: Events,
         done: (Sender<T>, T),
     ) -> std::io::Result<Pipeline> {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(RingState::default());
         let (writer, reader) = capture::ring(ring_samples, shared.clone());
         let (updates, updates_rx) = mpsc::channel();
         let dsp_events = events.clone();
@@ -191,7 +191,7 @@ impl Drop for Pipeline {
 /// Reads the state of a running (or ended) pipeline; cheap to clone, safe from any thread.
 #[derive(Clone)]
 pub struct Probe {
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
 }
 
 /// The pipeline's state at one moment.
@@ -246,7 +246,7 @@ impl Probe {
 
 /// Sent and set when the dsp thread ends.
 struct Done<T> {
-    shared: Arc<Shared>,
+    shared: Arc<RingState>,
     notify: Option<(Sender<T>, T)>,
 }
 

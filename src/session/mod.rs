@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use signal_hook::consts::SIGHUP;
 
 use crate::bus::Events;
+use crate::bus::SinkQueue;
 use crate::capture::{CaptureError, Source};
 use crate::config::Config;
 use crate::health::Health;
 use crate::notify;
 use crate::pipeline::{self, DspConfig, DspUpdate, Pipeline, Probe, Summary};
-use crate::sink::SinkQueue;
 use crate::sink::mqtt::MqttError;
 use crate::sink::socket::SocketError;
 use crate::spool::{Entry, Spool, SpoolError};

@@ -5,10 +5,11 @@ use std::sync::mpsc::Sender;
 
 use super::{Control, StartError};
 use crate::bus::Events;
+use crate::bus::{self, SinkQueue};
 use crate::config::Config;
 use crate::sink::mqtt::{MqttError, MqttSink};
 use crate::sink::socket::{self, SocketSink};
-use crate::sink::{self, SinkHandle, SinkQueue, stdout::StdoutSink};
+use crate::sink::{self, SinkHandle, stdout::StdoutSink};
 
 /// The sinks and the handle that feeds them. Dropping it (also on an early error return) closes
 /// the queues first, so that each sink drains what it holds and ends at once.
@@ -17,7 +18,7 @@ pub(super) struct Sinks {
     handles: Vec<SinkHandle>,
     /// How many sinks were started; each `SinkGone` takes one away.
     running: usize,
-    pub(super) dropped: sink::Dropped,
+    pub(super) dropped: bus::Dropped,
     /// How a sink builds a `status` event of its own (a socket client's first line).
     pub(super) status: socket::StatusSource,
     reporter: sink::Reporter,
@@ -26,7 +27,7 @@ pub(super) struct Sinks {
 impl Sinks {
     /// Start the configured sinks; each tells `control` when it stops by itself.
     pub(super) fn start(config: &Config, control: &Sender<Control>) -> Result<Sinks, StartError> {
-        let dropped = sink::Dropped::default();
+        let dropped = bus::Dropped::default();
         let reporter = sink::Reporter::default();
         let status = socket::StatusSource::default();
         let (queues, handles) = build(config, control, &dropped, &reporter, &status)?;
@@ -48,7 +49,7 @@ impl Sinks {
             events: Events::new(config.device_id(), queues),
             handles: Vec::new(),
             running: 0,
-            dropped: sink::Dropped::default(),
+            dropped: bus::Dropped::default(),
             status: socket::StatusSource::default(),
             reporter: sink::Reporter::default(),
         }
@@ -105,7 +106,7 @@ impl Drop for Sinks {
 fn build(
     config: &Config,
     control: &Sender<Control>,
-    dropped: &sink::Dropped,
+    dropped: &bus::Dropped,
     reporter: &sink::Reporter,
     status: &socket::StatusSource,
 ) -> Result<(Vec<SinkQueue>, Vec<SinkHandle>), StartError> {

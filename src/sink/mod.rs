@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::bus::Events;
 /// The queues' sending side and the drop count live with the bus that feeds them.
-pub use crate::bus::{Dropped, SinkQueue};
+use crate::bus::{Dropped, SinkQueue};
 use crate::event::{EventKind, Line, Stage};
 
 /// Events waiting for one sink before new ones are dropped.

@@ -185,7 +185,7 @@ impl Client {
 }
 
 /// What the sink thread and the accept thread share.
-struct Shared {
+struct Clients {
     path: PathBuf,
     clients: Mutex<Vec<Client>>,
     stopping: AtomicBool,
@@ -195,7 +195,7 @@ struct Shared {
     next_id: AtomicU64,
 }
 
-impl Shared {
+impl Clients {
     fn clients(&self) -> MutexGuard<'_, Vec<Client>> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -278,7 +278,7 @@ impl Shared {
 
 /// The socket sink: owns the socket file, the accept thread and the clients.
 pub struct SocketSink {
-    shared: Arc<Shared>,
+    shared: Arc<Clients>,
     file: Option<SocketFile>,
     accept: Option<JoinHandle<()>>,
     wake: UnixStream,
@@ -331,7 +331,7 @@ impl SocketSink {
                 .map_err(io("making a wake-up pipe"))?;
         }
         let _ = status.0.waker.set(status_waker);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Clients {
             path: path.clone(),
             clients: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
@@ -464,7 +464,7 @@ fn serve(stream: UnixStream, rx: &Receiver<Arc<str>>) -> io::Result<()> {
 /// Accept clients, and notice those that hang up, until the sink stops. Blocks in `poll` on the
 /// wake-up pipe, the listener (once the status builder is set) and every client (for `POLLHUP`
 /// only: nothing is ever read from a client).
-fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Shared) {
+fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Clients) {
     loop {
         let ready = shared.status.ready();
         let mut fds = vec![sys::pollfd(wake.as_raw_fd(), sys::POLLIN)];
@@ -505,7 +505,7 @@ fn accept_loop(listener: &UnixListener, wake: &UnixStream, shared: &Shared) {
 }
 
 /// Accept what waits in the backlog.
-fn accept_all(listener: &UnixListener, shared: &Shared) {
+fn accept_all(listener: &UnixListener, shared: &Clients) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -651,7 +651,7 @@ fn group_id(name: &str) -> Result<u32, SocketError> {
 mod tests {
     use super::*;
     use crate::bus::Events;
-    use crate::sink::SinkQueue;
+    use crate::bus::SinkQueue;
 
     fn output(path: &Path) -> OutputConfig {
         OutputConfig {

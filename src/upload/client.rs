@@ -118,7 +118,6 @@ impl Endpoint {
 }
 
 // Callers of the URL helpers written before `crate::url` existed name them here.
-pub use crate::url::{authority, host_of, is_loopback};
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -101,7 +101,7 @@ impl Setup {
     pub fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
         // An OpenAI key goes to OpenAI only: a LAN server named as the endpoint must not get
         // it just because `api_key_env` kept its default.
-        let host = client::host_of(&t.endpoint).to_ascii_lowercase();
+        let host = crate::url::host_of(&t.endpoint).to_ascii_lowercase();
         let env = if t.api_key_env == OPENAI_KEY_ENV && host != OPENAI_HOST {
             ""
         } else {
@@ -138,7 +138,10 @@ impl Setup {
         }
         if !t.allow_insecure_http {
             for ep in &endpoints {
-                if ep.has_key() && ep.url.starts_with("http://") && !client::is_loopback(&ep.url) {
+                if ep.has_key()
+                    && ep.url.starts_with("http://")
+                    && !crate::url::is_loopback(&ep.url)
+                {
                     return Err(SetupError::Insecure {
                         endpoint: ep.shown.clone(),
                     });
@@ -164,7 +167,7 @@ pub fn no_key_hint(t: &TranscribeConfig) -> String {
     format!(
         "transcription is off: no API key for {}. Set {} (transcribe.api_key_env) or transcribe.api_key_file, \
          or point transcribe.endpoint at a local server; utterances stay in the spool until then",
-        crate::config::redact_url(&t.endpoint),
+        crate::url::redact(&t.endpoint),
         if t.api_key_env.is_empty() {
             "an environment variable"
         } else {
@@ -174,7 +177,7 @@ pub fn no_key_hint(t: &TranscribeConfig) -> String {
 }
 
 fn needs_key(endpoint: &str) -> bool {
-    let host = client::host_of(endpoint).to_ascii_lowercase();
+    let host = crate::url::host_of(endpoint).to_ascii_lowercase();
     KEYED_HOSTS.iter().any(|h| {
         if h.starts_with('.') {
             host.ends_with(h)
@@ -186,7 +189,7 @@ fn needs_key(endpoint: &str) -> bool {
 
 /// `host:port`, lowercased: the primary's key goes to a fallback only on the very same one.
 fn client_host(url: &str) -> String {
-    client::authority(url).to_ascii_lowercase()
+    crate::url::authority(url).to_ascii_lowercase()
 }
 
 /// The key from `file`, else `$CREDENTIALS_DIRECTORY/api_key` (primary only; an empty one counts

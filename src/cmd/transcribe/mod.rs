@@ -23,19 +23,19 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use super::Error;
+use crate::bus::SinkQueue;
 use crate::capture::{CaptureError, SAMPLE_RATE, Source};
 use crate::cli::{Format, TranscribeArgs};
 use crate::config::Config;
 use crate::event::EventKind;
 use crate::pipeline::DspConfig;
 use crate::session::{Capture, Control, Driver, Ended, Outputs, Plan, Route, Session, Uploads};
-use crate::sink::SinkQueue;
 use crate::spool::{self, Entry, Spool};
 use crate::upload::{self, Finished, Patience, Setup};
 use cache::Cache;
 use output::{Output, Timeline};
 use progress::{Progress, Snapshot};
-use render::{Counts, Item, State, Text};
+use render::{Counts, Item, ItemState, Text};
 
 /// The format `-o` names by its extension, else JSON.
 pub fn format_for(output: Option<&Path>) -> Format {
@@ -395,7 +395,7 @@ fn report(items: &[Item], counts: &Counts, record_only: bool) {
         return;
     }
     for item in items {
-        if let State::Failed { code, message } = &item.state {
+        if let ItemState::Failed { code, message } = &item.state {
             tracing::error!(
                 "not transcribed: the utterance at {} ({}): {code}: {message}",
                 progress::clock(item.meta.offset_ms),
@@ -446,7 +446,7 @@ impl Run {
         if let Some(timeline) = &mut self.timeline {
             let item = Item {
                 meta,
-                state: State::Recorded,
+                state: ItemState::Recorded,
             };
             timeline.add(&item);
             return false;
@@ -470,9 +470,9 @@ impl Run {
                 latency_ms: 0,
             });
             let _ = session.spool().remove(entry);
-            (State::Transcribed(text), false)
+            (ItemState::Transcribed(text), false)
         } else {
-            (State::Pending, true)
+            (ItemState::Pending, true)
         };
         self.index.insert(meta.utterance.clone(), self.items.len());
         self.items.push(Item { meta, state });
@@ -505,12 +505,12 @@ impl Run {
                 {
                     tracing::warn!("resume cache {}: {e}", cache.dir().display());
                 }
-                self.items[i].state = State::Transcribed(text);
+                self.items[i].state = ItemState::Transcribed(text);
                 self.snap.transcribed += 1;
             }
             Finished::TooShort { utterance } => {
                 if let Some(&i) = self.index.get(&utterance) {
-                    self.items[i].state = State::Dropped;
+                    self.items[i].state = ItemState::Dropped;
                 }
             }
             Finished::Failed {
@@ -521,7 +521,7 @@ impl Run {
                 let Some(&i) = self.index.get(&utterance) else {
                     return;
                 };
-                self.items[i].state = State::Failed {
+                self.items[i].state = ItemState::Failed {
                     code: code.to_owned(),
                     message,
                 };

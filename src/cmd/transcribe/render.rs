@@ -16,11 +16,11 @@ use crate::spool::UtteranceMeta;
 #[derive(Debug, Clone)]
 pub struct Item {
     pub meta: UtteranceMeta,
-    pub state: State,
+    pub state: ItemState,
 }
 
 #[derive(Debug, Clone)]
-pub enum State {
+pub enum ItemState {
     /// `--record-only`: the audio is written, nothing was sent.
     Recorded,
     /// Not transcribed in this run (every endpoint was down, or it never got its turn).
@@ -96,11 +96,11 @@ pub fn counts(items: &[Item]) -> Counts {
     };
     for item in items {
         match item.state {
-            State::Transcribed(_) => c.transcribed += 1,
-            State::Failed { .. } => c.failed += 1,
-            State::Pending => c.pending += 1,
-            State::Dropped => c.dropped += 1,
-            State::Recorded => {}
+            ItemState::Transcribed(_) => c.transcribed += 1,
+            ItemState::Failed { .. } => c.failed += 1,
+            ItemState::Pending => c.pending += 1,
+            ItemState::Dropped => c.dropped += 1,
+            ItemState::Recorded => {}
         }
     }
     c
@@ -119,7 +119,7 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
     let mut out = Vec::new();
     for item in items {
         match &item.state {
-            State::Transcribed(t) if !t.segments.is_empty() => {
+            ItemState::Transcribed(t) if !t.segments.is_empty() => {
                 for seg in &t.segments {
                     let text = one_paragraph(&seg.text);
                     let (start, end) = (item.at(seg.start), item.at(seg.end));
@@ -132,7 +132,7 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
                     }
                 }
             }
-            State::Transcribed(t) => {
+            ItemState::Transcribed(t) => {
                 let text = one_paragraph(&t.text);
                 if text.is_empty() {
                     continue;
@@ -147,7 +147,7 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
                     text,
                 });
             }
-            State::Failed { code, .. } => {
+            ItemState::Failed { code, .. } => {
                 let (start, end) = item.speech_span();
                 out.push(Cue {
                     start_ms: start,
@@ -155,7 +155,7 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
                     text: format!("[not transcribed: {code}]"),
                 });
             }
-            State::Pending => {
+            ItemState::Pending => {
                 let (start, end) = item.speech_span();
                 out.push(Cue {
                     start_ms: start,
@@ -163,7 +163,7 @@ pub fn cues(items: &[Item]) -> Vec<Cue> {
                     text: "[not transcribed yet]".to_owned(),
                 });
             }
-            State::Recorded | State::Dropped => {}
+            ItemState::Recorded | ItemState::Dropped => {}
         }
     }
     out.sort_by_key(|c| (c.start_ms, c.end_ms));
@@ -247,10 +247,10 @@ pub fn text(items: &[Item]) -> String {
     let mut out = String::new();
     for item in sorted(items) {
         let line = match &item.state {
-            State::Transcribed(t) => t.text.split_whitespace().collect::<Vec<_>>().join(" "),
-            State::Failed { code, .. } => format!("[not transcribed: {code}]"),
-            State::Pending => "[not transcribed yet]".to_owned(),
-            State::Recorded | State::Dropped => continue,
+            ItemState::Transcribed(t) => t.text.split_whitespace().collect::<Vec<_>>().join(" "),
+            ItemState::Failed { code, .. } => format!("[not transcribed: {code}]"),
+            ItemState::Pending => "[not transcribed yet]".to_owned(),
+            ItemState::Recorded | ItemState::Dropped => continue,
         };
         if !line.is_empty() {
             out.push_str(&line);
@@ -365,14 +365,14 @@ pub fn json_utterance(item: &Item, audio: Option<&str>) -> String {
         audio: audio.map(|dir| format!("{dir}/{}", m.audio)),
     };
     match &item.state {
-        State::Recorded => {}
-        State::Pending => u.status = "pending",
-        State::Dropped => u.status = "too_short",
-        State::Failed { code, message } => {
+        ItemState::Recorded => {}
+        ItemState::Pending => u.status = "pending",
+        ItemState::Dropped => u.status = "too_short",
+        ItemState::Failed { code, message } => {
             u.status = "failed";
             u.error = Some(ErrorField { code, message });
         }
-        State::Transcribed(t) => {
+        ItemState::Transcribed(t) => {
             u.status = "transcribed";
             u.text = Some(&t.text);
             u.language = t.language.as_deref();
@@ -410,7 +410,7 @@ fn to_json(value: &impl Serialize) -> String {
 mod tests {
     use super::*;
 
-    fn item(offset_ms: u64, duration_ms: u64, speech: (u64, u64), state: State) -> Item {
+    fn item(offset_ms: u64, duration_ms: u64, speech: (u64, u64), state: ItemState) -> Item {
         Item {
             meta: UtteranceMeta {
                 v: 1,
@@ -432,8 +432,8 @@ mod tests {
         }
     }
 
-    fn said(text: &str) -> State {
-        State::Transcribed(Text {
+    fn said(text: &str) -> ItemState {
+        ItemState::Transcribed(Text {
             text: text.into(),
             ..Text::default()
         })
@@ -473,7 +473,7 @@ mod tests {
             3_723_000,
             2_000,
             (3_723_300, 1_000),
-            State::Transcribed(t),
+            ItemState::Transcribed(t),
         )];
         assert_eq!(
             vtt(&items),
@@ -493,7 +493,7 @@ mod tests {
                 9_000,
                 1_000,
                 (9_300, 500),
-                State::Failed {
+                ItemState::Failed {
                     code: "bad_request".into(),
                     message: "400".into(),
                 },
@@ -529,7 +529,7 @@ mod tests {
             ..Text::default()
         };
         let items = [
-            item(0, 2_000, (300, 1_000), State::Transcribed(t)),
+            item(0, 2_000, (300, 1_000), ItemState::Transcribed(t)),
             item(2_000, 1_000, (2_300, 500), said("next")),
         ];
         let cues = cues(&items);
@@ -569,12 +569,12 @@ mod tests {
                 2_000,
                 1_000,
                 (2_100, 500),
-                State::Failed {
+                ItemState::Failed {
                     code: "bad_request".into(),
                     message: "nope".into(),
                 },
             ),
-            item(4_000, 1_000, (4_100, 500), State::Pending),
+            item(4_000, 1_000, (4_100, 500), ItemState::Pending),
         ];
         let doc: serde_json::Value =
             serde_json::from_str(&json("rec.flac", 6_000, &items, None)).unwrap();
