@@ -11,45 +11,40 @@ use std::time::Duration;
 
 /// A delay that doubles with each attempt, from `first` up to `cap`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Curve {
+pub(crate) struct Curve {
     first: Duration,
     cap: Duration,
 }
 
 /// The official OpenAI SDKs' wait before a retry of the same request: 0.5 s doubling to 8 s,
 /// used with [`Curve::jittered`].
-pub const SDK_RETRY: Curve = Curve::new(Duration::from_millis(500), Duration::from_secs(8));
+pub(crate) const SDK_RETRY: Curve = Curve::new(Duration::from_millis(500), Duration::from_secs(8));
 
 /// The wait between rounds over every endpoint while all of them are down: 1 s doubling to 60 s,
 /// used with [`Curve::jittered`]. The spool is the queue meanwhile.
-pub const OUTAGE: Curve = Curve::new(Duration::from_secs(1), Duration::from_secs(60));
+pub(crate) const OUTAGE: Curve = Curve::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Reopening a lost capture device and reconnecting to an MQTT broker: 0.5 s doubling to 30 s,
 /// without jitter.
-pub const RECONNECT: Curve = Curve::new(Duration::from_millis(500), Duration::from_secs(30));
+pub(crate) const RECONNECT: Curve = Curve::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// The most a jittered delay is shortened by: a quarter, as in the SDKs.
 const JITTER: f64 = 0.25;
 
 impl Curve {
-    pub const fn new(first: Duration, cap: Duration) -> Curve {
+    pub(crate) const fn new(first: Duration, cap: Duration) -> Curve {
         Curve { first, cap }
     }
 
-    /// The longest delay of this curve.
-    pub const fn cap(&self) -> Duration {
-        self.cap
-    }
-
     /// The delay before attempt `n` (0 for the first wait): `first · 2^n`, at most the cap.
-    pub fn delay(&self, n: u32) -> Duration {
+    pub(crate) fn delay(&self, n: u32) -> Duration {
         self.first.saturating_mul(1u32 << n.min(31)).min(self.cap)
     }
 
     /// [`Curve::delay`] shortened by up to a quarter: `delay(n) · (1 − 0.25 · random)`, where
     /// `random` is a number in 0..1 drawn by the caller (values outside are clamped, a NaN counts
     /// as 0). Never longer than `delay(n)`.
-    pub fn jittered(&self, n: u32, random: f64) -> Duration {
+    pub(crate) fn jittered(&self, n: u32, random: f64) -> Duration {
         let random = if random.is_nan() {
             0.0
         } else {
@@ -82,7 +77,7 @@ mod tests {
         assert_eq!(OUTAGE.jittered(6, 0.0), Duration::from_secs(60));
         assert_eq!(OUTAGE.jittered(u32::MAX, 0.0), Duration::from_secs(60));
         assert_eq!(OUTAGE.jittered(6, 1.0), Duration::from_secs(45));
-        assert_eq!(OUTAGE.cap(), Duration::from_secs(60));
+        assert_eq!(OUTAGE.cap, Duration::from_secs(60));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::event::{EventKind, Line};
 
 /// Hands events to the sinks. Cheap to clone; every stage holds one.
 #[derive(Clone)]
-pub struct Events {
+pub(crate) struct Events {
     inner: Arc<Inner>,
 }
 
@@ -29,7 +29,7 @@ struct Inner {
 }
 
 impl Events {
-    pub fn new(device: String, queues: Vec<SinkQueue>) -> Events {
+    pub(crate) fn new(device: String, queues: Vec<SinkQueue>) -> Events {
         Events {
             inner: Arc::new(Inner {
                 device,
@@ -41,14 +41,14 @@ impl Events {
         }
     }
 
-    pub fn device(&self) -> &str {
+    pub(crate) fn device(&self) -> &str {
         &self.inner.device
     }
 
     /// Serialize `kind` once and offer it to every sink without blocking. Returns whether it
     /// was handed over: at least one sink took it, or there are no sinks at all. `false` after
     /// [`Events::close`], or when every sink refused it (full or gone).
-    pub fn emit(&self, kind: EventKind) -> bool {
+    pub(crate) fn emit(&self, kind: EventKind) -> bool {
         let mut queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -71,7 +71,7 @@ impl Events {
     ///
     /// The caller may hold a lock that its sink's `write` also takes: this takes the events
     /// lock, which `emit` holds only while offering lines to queues (never while a sink writes).
-    pub fn render(&self, kind: &EventKind) -> Option<Line> {
+    pub(crate) fn render(&self, kind: &EventKind) -> Option<Line> {
         let _queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -97,7 +97,7 @@ impl Events {
 
     /// Take the sink queues out to replace the sinks (SIGHUP); until [`Events::set_queues`],
     /// events are not handed to anyone (`emit` returns `false`, so transcripts are kept).
-    pub fn take_queues(&self) -> Vec<SinkQueue> {
+    pub(crate) fn take_queues(&self) -> Vec<SinkQueue> {
         let mut queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -107,7 +107,7 @@ impl Events {
     }
 
     /// Install new sink queues after [`Events::take_queues`].
-    pub fn set_queues(&self, new: Vec<SinkQueue>) {
+    pub(crate) fn set_queues(&self, new: Vec<SinkQueue>) {
         let mut queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -117,7 +117,7 @@ impl Events {
     }
 
     /// Close every sink queue; the sink threads drain what they hold and end.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut queues = match self.inner.queues.lock() {
             Ok(q) => q,
             Err(poisoned) => poisoned.into_inner(),
@@ -130,19 +130,19 @@ impl Events {
 /// Lines lost by every sink together (queues full, a slow socket client, MQTT's queue overflowing):
 /// reported as `events_dropped` in `status` events.
 #[derive(Clone, Default)]
-pub struct Dropped(Arc<AtomicU64>);
+pub(crate) struct Dropped(Arc<AtomicU64>);
 
 impl Dropped {
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
 
 /// The sending side of one sink's bounded queue.
-pub struct SinkQueue {
+pub(crate) struct SinkQueue {
     name: &'static str,
     tx: SyncSender<Line>,
     dropped: Dropped,
@@ -151,7 +151,7 @@ pub struct SinkQueue {
 
 impl SinkQueue {
     /// A queue and its receiving end, for a sink thread or a test.
-    pub fn pair(name: &'static str, capacity: usize) -> (SinkQueue, Receiver<Line>) {
+    pub(crate) fn pair(name: &'static str, capacity: usize) -> (SinkQueue, Receiver<Line>) {
         Self::counted(name, capacity, Dropped::default())
     }
 
@@ -172,7 +172,7 @@ impl SinkQueue {
 
     /// Queue a line without waiting; a full queue drops it and counts.
     /// Whether the sink took the line.
-    pub fn offer(&mut self, line: &Line) -> bool {
+    pub(crate) fn offer(&mut self, line: &Line) -> bool {
         match self.tx.try_send(line.clone()) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {

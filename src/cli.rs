@@ -1,5 +1,5 @@
 //! The command line: `hark [run]`, `transcribe`, `upload`, `check-config`, `devices`. Parsing only; what each command does
-//! lives in [`crate::daemon`] and is decided in `main`.
+//! lives in [`crate::cmd`] and is decided in `main`.
 
 use std::path::PathBuf;
 
@@ -45,7 +45,7 @@ pub enum Command {
 pub struct GlobalArgs {
     /// Config file [default: /etc/hark/hark.toml when it exists, else built-in defaults].
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Set any config key, dotted, e.g. -s vad.silence_ms=600 (repeatable).
     #[arg(short = 's', long = "set", global = true, value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -134,7 +134,7 @@ impl GlobalArgs {
     }
 }
 
-pub const DEFAULT_CONFIG: &str = "/etc/hark/hark.toml";
+pub(crate) const DEFAULT_CONFIG: &str = "/etc/hark/hark.toml";
 
 /// The rest of what a man page would say: files, signals, exit codes.
 const AFTER_HELP: &str = "\

@@ -295,7 +295,7 @@ impl<'de> Deserialize<'de> for ChannelSel {
 
 impl OutputConfig {
     /// `socket_mode` as permission bits; `None` unless it is octal digits <= 0o777.
-    pub fn socket_mode_bits(&self) -> Option<u32> {
+    pub(crate) fn socket_mode_bits(&self) -> Option<u32> {
         let s = &self.socket_mode;
         if s.is_empty() || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
             return None;
@@ -400,7 +400,7 @@ fn parse_message(text: &str, e: &toml::de::Error) -> String {
 
 /// Whether an MQTT topic level may hold this text (no wildcards, no NUL): checked for
 /// `output.mqtt.topic_prefix` here and for the device id when the MQTT sink starts.
-pub fn topic_text_ok(s: &str) -> bool {
+pub(crate) fn topic_text_ok(s: &str) -> bool {
     !s.contains(['+', '#', '\0'])
 }
 
@@ -466,7 +466,7 @@ fn blame(file: &toml::Table, origin: &str, sets: &[Setting], p: Problem) -> Conf
 impl Config {
     /// Parses a TOML document from `r`, applies `-s` overrides (each
     /// `dotted.key=VALUE`), validates. `origin` names the document in errors.
-    pub fn parse_reader<R: Read>(
+    pub(crate) fn parse_reader<R: Read>(
         r: R,
         origin: &str,
         overrides: &[String],
@@ -521,18 +521,6 @@ impl Config {
             source,
         })?;
         Config::parse_reader(file, &path.display().to_string(), overrides)
-    }
-
-    /// Range and consistency checks; reports the first problem found.
-    pub fn check(&self) -> Result<(), ConfigError> {
-        match self.problems().into_iter().next() {
-            None => Ok(()),
-            Some((key, message)) => Err(ConfigError::Key {
-                origin: "configuration".into(),
-                key,
-                message,
-            }),
-        }
     }
 
     fn problems(&self) -> Vec<Problem> {
@@ -673,7 +661,7 @@ impl Config {
     /// place a secret can hide is URL userinfo (`https://user:pw@host`), so
     /// that is replaced by `***` in `transcribe.endpoint`, fallback endpoints
     /// and `output.mqtt.url`.
-    pub fn to_redacted_toml(&self) -> String {
+    pub(crate) fn to_redacted_toml(&self) -> String {
         let mut c = self.clone();
         c.transcribe.endpoint = url::redact(&c.transcribe.endpoint);
         for f in &mut c.transcribe.fallback {

@@ -14,7 +14,7 @@ use serde::Serialize;
 /// Why an utterance ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EndReason {
+pub(crate) enum EndReason {
     /// `vad.silence_ms` of unvoiced audio followed the speech.
     Silence,
     /// The utterance reached `vad.max_utterance_ms`; the speech goes on in a new utterance.
@@ -33,7 +33,7 @@ pub enum EndReason {
 /// Why an utterance was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DropReason {
+pub(crate) enum DropReason {
     TooShort,
     TooQuiet,
     SpoolFull,
@@ -42,7 +42,7 @@ pub enum DropReason {
 /// The stage an `error` event comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Stage {
+pub(crate) enum Stage {
     Capture,
     Upload,
     Sink,
@@ -53,34 +53,33 @@ pub enum Stage {
 /// The daemon's health as reported in `status` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum State {
+pub(crate) enum State {
     Online,
-    Offline,
     Degraded,
 }
 
 /// One timed stretch of the transcript (a verbose/diarized JSON segment or an SRT/VTT cue).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Segment {
-    pub start: f64,
-    pub end: f64,
-    pub text: String,
+pub(crate) struct Segment {
+    pub(crate) start: f64,
+    pub(crate) end: f64,
+    pub(crate) text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub speaker: Option<String>,
+    pub(crate) speaker: Option<String>,
 }
 
 /// One timed word (verbose_json with `timestamp_granularities[]=word`).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Word {
-    pub word: String,
-    pub start: f64,
-    pub end: f64,
+pub(crate) struct Word {
+    pub(crate) word: String,
+    pub(crate) start: f64,
+    pub(crate) end: f64,
 }
 
 /// The fields of each event type. Serialized flat into the event object after the common fields.
 #[derive(Debug, Clone, Serialize)]
 #[serde(untagged)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     SpeechStart {
         utterance: String,
         offset_ms: u64,
@@ -145,7 +144,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The event's `type` field.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             EventKind::SpeechStart { .. } => "speech_start",
             EventKind::SpeechEnd { .. } => "speech_end",
@@ -172,20 +171,20 @@ struct Envelope<'a> {
 
 /// One serialized event: the JSON line without its newline, shared by every sink.
 #[derive(Debug, Clone)]
-pub struct Line {
-    pub kind: &'static str,
+pub(crate) struct Line {
+    pub(crate) kind: &'static str,
     /// The event's `seq`: a sink that starts a new reader mid-stream (a socket client) uses it to
     /// skip what was emitted before that reader's first line.
-    pub seq: u64,
-    pub json: Arc<str>,
+    pub(crate) seq: u64,
+    pub(crate) json: Arc<str>,
     /// For `transcript` events, the text alone (stdout's `text` format).
-    pub text: Option<Arc<str>>,
+    pub(crate) text: Option<Arc<str>>,
 }
 
 impl Line {
     /// `kind` as event number `seq` of `device`, stamped `time`: the `v`, `type`, `device`, `seq`
     /// and `time` fields first, then the fields of its type.
-    pub fn serialize(
+    pub(crate) fn serialize(
         kind: &EventKind,
         device: &str,
         seq: u64,

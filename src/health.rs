@@ -18,7 +18,7 @@ use crate::upload::OnState;
 use crate::{bus, sink};
 
 /// The status of one session, shared by the control loop and the upload threads.
-pub struct Health {
+pub(crate) struct Health {
     started: Instant,
     spool: Arc<Spool>,
     events: Events,
@@ -30,7 +30,7 @@ pub struct Health {
 impl Health {
     /// `status` is where a socket client's first line comes from; it is given a weak handle, so
     /// that the sinks do not keep this alive.
-    pub fn new(
+    pub(crate) fn new(
         started: Instant,
         spool: &Arc<Spool>,
         events: Events,
@@ -51,17 +51,17 @@ impl Health {
     }
 
     /// From now on the status includes the pipeline's.
-    pub fn watch(&self, probe: Probe) {
+    pub(crate) fn watch(&self, probe: Probe) {
         let _ = self.capture.set(probe);
     }
 
     /// Emit a `status` event now.
-    pub fn emit(&self) {
+    pub(crate) fn emit(&self) {
         self.events.emit(self.status());
     }
 
     /// The `status` event as of now, without emitting it.
-    pub fn status(&self) -> EventKind {
+    pub(crate) fn status(&self) -> EventKind {
         let (pending, bytes) = self.spool.usage();
         let (capture_ok, overruns) = match self.pipeline() {
             // A file that ended is not a fault; a device being reopened is.
@@ -88,7 +88,7 @@ impl Health {
     }
 
     /// The upload threads' callback: record the transition and report it at once.
-    pub fn on_upload_state(health: &Arc<Health>) -> OnState {
+    pub(crate) fn on_upload_state(health: &Arc<Health>) -> OnState {
         let health = health.clone();
         Arc::new(move |down| {
             health.upload_down.store(down, Ordering::Release);
@@ -99,7 +99,7 @@ impl Health {
     /// sd_notify on each wake of the control loop: READY once capture started (or its device's
     /// first open failed: STATUS then says degraded), STATUS on change, WATCHDOG while capture and
     /// dsp move. Nothing before the pipeline runs.
-    pub fn notify(&self, sd: &mut notify::Service) {
+    pub(crate) fn notify(&self, sd: &mut notify::Service) {
         let Some(p) = self.pipeline() else {
             return;
         };

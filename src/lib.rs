@@ -14,27 +14,27 @@
 
 #![deny(unsafe_code)]
 
-pub mod backoff;
-pub mod bus;
+pub(crate) mod backoff;
+pub(crate) mod bus;
 pub mod capture;
 pub mod cli;
 pub mod cmd;
 pub mod codec;
 pub mod config;
-pub mod event;
-pub mod health;
-pub mod notify;
+pub(crate) mod event;
+pub(crate) mod health;
+pub(crate) mod notify;
 pub mod pipeline;
-pub mod session;
+pub(crate) mod session;
 pub mod sink;
 pub mod spool;
 /// The C library calls, each behind a small safe function; the only module allowed `unsafe`
 /// besides the ALSA capture loop.
 #[allow(unsafe_code)]
-pub mod sys;
+pub(crate) mod sys;
 pub mod tls;
 pub mod upload;
-pub mod url;
+pub(crate) mod url;
 pub mod vad;
 
 /// The module layering, checked over the source files (tests only).

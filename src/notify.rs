@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crate::event::State;
 
 /// A connection to systemd's notification socket, or nothing.
-pub struct Notifier {
+pub(crate) struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
     /// Whether a failed send was already logged (once is enough).
     warned: bool,
@@ -26,7 +26,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// From `$NOTIFY_SOCKET`: a path, or `@name` for an abstract address. Unset or empty: no-op.
-    pub fn from_env() -> Notifier {
+    pub(crate) fn from_env() -> Notifier {
         match std::env::var_os("NOTIFY_SOCKET") {
             Some(s) if !s.is_empty() => match s.to_str() {
                 Some(s) => Notifier::at(s),
@@ -40,7 +40,7 @@ impl Notifier {
     }
 
     /// A notifier for the socket at `socket` (a path, or `@name`); on error, a warning and none.
-    pub fn at(socket: &str) -> Notifier {
+    pub(crate) fn at(socket: &str) -> Notifier {
         match address(socket).and_then(|a| Ok((UnixDatagram::unbound()?, a))) {
             Ok(target) => Notifier {
                 target: Some(target),
@@ -54,19 +54,19 @@ impl Notifier {
     }
 
     /// A notifier that sends nothing.
-    pub fn none() -> Notifier {
+    pub(crate) fn none() -> Notifier {
         Notifier {
             target: None,
             warned: false,
         }
     }
 
-    pub fn is_enabled(&self) -> bool {
+    pub(crate) fn is_enabled(&self) -> bool {
         self.target.is_some()
     }
 
     /// Send one datagram of `KEY=VALUE` lines.
-    pub fn send(&mut self, message: &str) {
+    pub(crate) fn send(&mut self, message: &str) {
         let Some((socket, addr)) = &self.target else {
             return;
         };
@@ -91,7 +91,11 @@ fn address(s: &str) -> std::io::Result<SocketAddr> {
 
 /// The watchdog interval from `$WATCHDOG_USEC`, when it is meant for this process
 /// (`$WATCHDOG_PID` unset or ours). Pure: the caller passes the variables.
-pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -> Option<Duration> {
+pub(crate) fn watchdog_interval(
+    usec: Option<&str>,
+    pid: Option<&str>,
+    own_pid: u32,
+) -> Option<Duration> {
     if let Some(pid) = pid
         && pid.trim().parse::<u32>().ok() != Some(own_pid)
     {
@@ -105,7 +109,7 @@ pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, own_pid: u32) ->
 
 /// A thread's liveness as the watchdog sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Beat {
+pub(crate) enum Beat {
     /// The thread's progress counter now.
     Count(u64),
     /// The thread ended its work normally (end of input, pipeline done): nothing to watch.
@@ -114,7 +118,7 @@ pub enum Beat {
 
 /// Whether every watched thread advanced since `before` (the counters at the last ping). A thread
 /// that is done counts as advancing; one whose counter did not move is stalled.
-pub fn progressed(before: &[u64], now: &[Beat]) -> bool {
+pub(crate) fn progressed(before: &[u64], now: &[Beat]) -> bool {
     before.iter().zip(now).all(|(b, n)| match n {
         Beat::Done => true,
         Beat::Count(c) => c != b,
@@ -123,7 +127,7 @@ pub fn progressed(before: &[u64], now: &[Beat]) -> bool {
 
 /// The watchdog's timing and the counters at the last ping.
 #[derive(Debug)]
-pub struct Watchdog {
+pub(crate) struct Watchdog {
     /// How often to check and ping: half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3) advises.
     every: Duration,
     next: Instant,
@@ -133,7 +137,7 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    pub fn new(interval: Duration, now: Instant) -> Watchdog {
+    pub(crate) fn new(interval: Duration, now: Instant) -> Watchdog {
         let every = (interval / 2).max(Duration::from_millis(1));
         Watchdog {
             every,
@@ -143,13 +147,13 @@ impl Watchdog {
     }
 
     /// When the next check is due.
-    pub fn next(&self) -> Instant {
+    pub(crate) fn next(&self) -> Instant {
         self.next
     }
 
     /// At or after [`Watchdog::next`]: whether to send `WATCHDOG=1` now, given the threads' beats
     /// (capture, dsp). Schedules the next check.
-    pub fn check(&mut self, now: Instant, beats: [Beat; 2]) -> bool {
+    pub(crate) fn check(&mut self, now: Instant, beats: [Beat; 2]) -> bool {
         if now < self.next {
             return false;
         }
@@ -168,23 +172,22 @@ impl Watchdog {
 
 /// What a `STATUS=` line says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Facts {
-    pub state: State,
+pub(crate) struct Facts {
+    pub(crate) state: State,
     /// The capture device is not open (missing, or being reopened).
-    pub no_device: bool,
+    pub(crate) no_device: bool,
     /// Every transcription endpoint failed the last attempt.
-    pub upload_down: bool,
+    pub(crate) upload_down: bool,
     /// Utterances kept since start.
-    pub utterances: u64,
-    pub spool_pending: u64,
-    pub spool_bytes: u64,
+    pub(crate) utterances: u64,
+    pub(crate) spool_pending: u64,
+    pub(crate) spool_bytes: u64,
 }
 
 /// The `STATUS=` text, e.g. `online: 12 utterances, 3 waiting in the spool (45 KB)`.
-pub fn status_text(f: &Facts) -> String {
+pub(crate) fn status_text(f: &Facts) -> String {
     let state = match f.state {
         State::Online => "online",
-        State::Offline => "offline",
         State::Degraded => "degraded",
     };
     let mut why = Vec::new();
@@ -221,7 +224,7 @@ fn size(bytes: u64) -> String {
 /// The daemon's side of the protocol: READY once, STATUS on change, WATCHDOG while alive,
 /// STOPPING once. The control loop calls [`Service::poll`] on every wake-up and sleeps no longer
 /// than [`Service::next_wake`].
-pub struct Service {
+pub(crate) struct Service {
     notifier: Notifier,
     watchdog: Option<Watchdog>,
     ready: bool,
@@ -238,7 +241,7 @@ const READY_POLL: Duration = Duration::from_millis(50);
 
 impl Service {
     /// From the environment (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`).
-    pub fn from_env(now: Instant) -> Service {
+    pub(crate) fn from_env(now: Instant) -> Service {
         let usec = std::env::var("WATCHDOG_USEC").ok();
         let pid = std::env::var("WATCHDOG_PID").ok();
         let interval = watchdog_interval(usec.as_deref(), pid.as_deref(), std::process::id());
@@ -246,7 +249,7 @@ impl Service {
     }
 
     /// Send through `notifier`, with the watchdog at `interval` when there is one.
-    pub fn new(notifier: Notifier, interval: Option<Duration>, now: Instant) -> Service {
+    pub(crate) fn new(notifier: Notifier, interval: Option<Duration>, now: Instant) -> Service {
         let watchdog = interval
             .filter(|_| notifier.is_enabled())
             .map(|i| Watchdog::new(i, now));
@@ -267,7 +270,7 @@ impl Service {
     }
 
     /// When the control loop should wake up next for this, if ever.
-    pub fn next_wake(&self) -> Option<Instant> {
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
         if !self.notifier.is_enabled() {
             return None;
         }
@@ -285,7 +288,7 @@ impl Service {
 
     /// Send what is due. `ready` says whether capture has started (or its device's first open
     /// failed); `facts` builds the status; `beats` samples the threads (capture, dsp).
-    pub fn poll(
+    pub(crate) fn poll(
         &mut self,
         now: Instant,
         ready: bool,
@@ -322,7 +325,7 @@ impl Service {
     }
 
     /// Shutdown has begun: `STOPPING=1`, once.
-    pub fn stopping(&mut self) {
+    pub(crate) fn stopping(&mut self) {
         if !self.stopping {
             self.stopping = true;
             self.notifier.send("STOPPING=1\nSTATUS=stopping");

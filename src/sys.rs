@@ -12,19 +12,19 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// One descriptor for [`poll`]: the events asked for, and `revents`, what came back.
-pub type PollFd = libc::pollfd;
+pub(crate) type PollFd = libc::pollfd;
 
 /// Data to read (asked for).
-pub const POLLIN: c_short = libc::POLLIN;
+pub(crate) const POLLIN: c_short = libc::POLLIN;
 /// The peer hung up (always reported).
-pub const POLLHUP: c_short = libc::POLLHUP;
+pub(crate) const POLLHUP: c_short = libc::POLLHUP;
 /// An error on the descriptor, e.g. a pipe without reader (always reported).
-pub const POLLERR: c_short = libc::POLLERR;
+pub(crate) const POLLERR: c_short = libc::POLLERR;
 /// Not an open descriptor (always reported).
-pub const POLLNVAL: c_short = libc::POLLNVAL;
+pub(crate) const POLLNVAL: c_short = libc::POLLNVAL;
 
 /// A [`PollFd`] for `fd` asking for `events` (0: only the conditions always reported).
-pub fn pollfd(fd: RawFd, events: c_short) -> PollFd {
+pub(crate) fn pollfd(fd: RawFd, events: c_short) -> PollFd {
     libc::pollfd {
         fd,
         events,
@@ -35,7 +35,7 @@ pub fn pollfd(fd: RawFd, events: c_short) -> PollFd {
 /// poll(2): wait until one of `fds` is ready or `timeout_ms` passed (-1: no limit, 0: never
 /// wait). Returns how many have `revents` set. A descriptor that is not open is no error: it
 /// comes back with [`POLLNVAL`].
-pub fn poll(fds: &mut [PollFd], timeout_ms: i32) -> io::Result<usize> {
+pub(crate) fn poll(fds: &mut [PollFd], timeout_ms: i32) -> io::Result<usize> {
     let nfds = libc::nfds_t::try_from(fds.len()).map_err(io::Error::other)?;
     // SAFETY: `fds` is a live, initialised array of `nfds` pollfd structs, written only by the
     // kernel during the call.
@@ -45,7 +45,7 @@ pub fn poll(fds: &mut [PollFd], timeout_ms: i32) -> io::Result<usize> {
 }
 
 /// The process id of the peer of a connected Unix socket (SO_PEERCRED); `None` when unknown.
-pub fn peer_pid(fd: RawFd) -> Option<i32> {
+pub(crate) fn peer_pid(fd: RawFd) -> Option<i32> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -68,7 +68,7 @@ pub fn peer_pid(fd: RawFd) -> Option<i32> {
 
 /// The id of the group named `name` (getgrnam_r); `Ok(None)` when there is no such group (a
 /// name with a NUL byte names none).
-pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
     let Ok(cname) = CString::new(name) else {
         return Ok(None);
     };
@@ -100,14 +100,14 @@ pub fn group_id(name: &str) -> io::Result<Option<u32>> {
 }
 
 /// The real user id of the process.
-pub fn getuid() -> u32 {
+pub(crate) fn getuid() -> u32 {
     // SAFETY: getuid cannot fail and touches no memory.
     unsafe { libc::getuid() }
 }
 
 /// The soft `RLIMIT_RTPRIO`: the highest realtime priority this process may ask for without
 /// CAP_SYS_NICE. `None` when unlimited or unknown.
-pub fn rtprio_limit() -> Option<u64> {
+pub(crate) fn rtprio_limit() -> Option<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -126,7 +126,7 @@ pub fn rtprio_limit() -> Option<u64> {
 
 /// Move the calling thread to SCHED_FIFO at `priority` (pthread_setschedparam); the error says
 /// why not (EPERM: not allowed).
-pub fn set_current_thread_fifo(priority: i32) -> io::Result<()> {
+pub(crate) fn set_current_thread_fifo(priority: i32) -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: priority,
     };
@@ -140,7 +140,7 @@ pub fn set_current_thread_fifo(priority: i32) -> io::Result<()> {
 
 /// mkfifo(3) with `mode`, for tests that read from a pipe.
 #[cfg(test)]
-pub fn mkfifo(path: &std::path::Path, mode: libc::mode_t) -> io::Result<()> {
+pub(crate) fn mkfifo(path: &std::path::Path, mode: libc::mode_t) -> io::Result<()> {
     let path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
     // SAFETY: mkfifo(3) reads a NUL-terminated path that lives across the call.
     if unsafe { libc::mkfifo(path.as_ptr(), mode) } == 0 {

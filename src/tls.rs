@@ -25,12 +25,14 @@ pub enum CaFileError {
 }
 
 /// The ring provider, for every TLS client hark builds.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Mozilla's roots, the system's, and the certificates of `ca_file` (which must hold at least one).
-pub fn trust_roots(ca_file: Option<&Path>) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+pub(crate) fn trust_roots(
+    ca_file: Option<&Path>,
+) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
     let mut roots: Vec<CertificateDer<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|c| c.clone().into_owned())
@@ -43,7 +45,7 @@ pub fn trust_roots(ca_file: Option<&Path>) -> Result<Vec<CertificateDer<'static>
 }
 
 /// The certificates in a PEM file; an error when there is none.
-pub fn ca_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
+pub(crate) fn ca_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
     let shown = path.display().to_string();
     let pem = std::fs::read(path).map_err(|source| CaFileError::Read {
         path: shown.clone(),

@@ -14,26 +14,26 @@ use std::fmt;
 
 /// A URL cut at its delimiters. Nothing is validated: every part is a slice of the text given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Parts<'a> {
+pub(crate) struct Parts<'a> {
     /// Before `://`; `None` when there is no `://`.
-    pub scheme: Option<&'a str>,
+    pub(crate) scheme: Option<&'a str>,
     /// Before the last `@` of the authority (`user:password`).
-    pub userinfo: Option<&'a str>,
+    pub(crate) userinfo: Option<&'a str>,
     /// `host[:port]`, without the userinfo.
-    pub authority: &'a str,
+    pub(crate) authority: &'a str,
     /// A name, an IPv4 address, or an IPv6 address with its brackets (`[::1]`). An unclosed
     /// bracket leaves the whole authority here.
-    pub host: &'a str,
+    pub(crate) host: &'a str,
     /// The text after the port's `:`, unchecked.
-    pub port: Option<&'a str>,
+    pub(crate) port: Option<&'a str>,
     /// Everything before the path: `scheme://userinfo@host:port`.
-    pub origin: &'a str,
+    pub(crate) origin: &'a str,
     /// From the first `/` after the authority to the query or fragment; may be empty.
-    pub path: &'a str,
+    pub(crate) path: &'a str,
     /// After `?`, without it.
-    pub query: Option<&'a str>,
+    pub(crate) query: Option<&'a str>,
     /// After `#`, without it.
-    pub fragment: Option<&'a str>,
+    pub(crate) fragment: Option<&'a str>,
 }
 
 /// Cut `url` into its parts. Without `://` the text is taken as starting at the authority.
@@ -41,7 +41,7 @@ pub struct Parts<'a> {
 /// The authority ends at the first `/`, `?` or `#`; the userinfo ends at its last `@`. A host in
 /// brackets ends at the first `]` (what follows it, up to a `:`, is ignored); any other host ends
 /// at the authority's last `:`.
-pub fn split(url: &str) -> Parts<'_> {
+pub(crate) fn split(url: &str) -> Parts<'_> {
     let (scheme, rest, rest_at) = match url.split_once("://") {
         Some((scheme, rest)) => (Some(scheme), rest, scheme.len() + 3),
         None => (None, url, 0),
@@ -85,18 +85,18 @@ pub fn split(url: &str) -> Parts<'_> {
 }
 
 /// The `host[:port]` of a URL, without the userinfo.
-pub fn authority(url: &str) -> &str {
+pub(crate) fn authority(url: &str) -> &str {
     split(url).authority
 }
 
 /// The host of a URL, without the userinfo and the port (IPv6 addresses keep their brackets).
-pub fn host_of(url: &str) -> &str {
+pub(crate) fn host_of(url: &str) -> &str {
     split(url).host
 }
 
 /// The schemes of one kind of URL hark takes, with their `://`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A transcription endpoint: `http://` or `https://`.
     Http,
     /// An MQTT broker: `mqtt://` or `mqtts://`.
@@ -105,7 +105,7 @@ pub enum Kind {
 
 impl Kind {
     /// The plain and the TLS scheme, as they start a URL.
-    pub fn schemes(self) -> [&'static str; 2] {
+    pub(crate) fn schemes(self) -> [&'static str; 2] {
         match self {
             Kind::Http => ["http://", "https://"],
             Kind::Mqtt => ["mqtt://", "mqtts://"],
@@ -115,7 +115,7 @@ impl Kind {
 
 /// Whether `url` starts with one of `kind`'s schemes (lowercase, as written) and has something
 /// after it. All the configuration asks of an endpoint; a broker is then parsed in full.
-pub fn scheme_ok(url: &str, kind: Kind) -> bool {
+pub(crate) fn scheme_ok(url: &str, kind: Kind) -> bool {
     kind.schemes()
         .iter()
         .any(|s| url.strip_prefix(s).is_some_and(|rest| !rest.is_empty()))
@@ -123,7 +123,7 @@ pub fn scheme_ok(url: &str, kind: Kind) -> bool {
 
 /// Whether a URL's host is a loopback address (`localhost`, `127.0.0.0/8`, `[::1]`), where a key
 /// sent over plain HTTP never leaves the machine. An IPv6 address counts only in brackets.
-pub fn is_loopback(url: &str) -> bool {
+pub(crate) fn is_loopback(url: &str) -> bool {
     let host = host_of(url);
     if !host.starts_with('[') && host.contains(':') {
         return false;
@@ -139,7 +139,7 @@ pub fn is_loopback(url: &str) -> bool {
 /// `url` with its userinfo (`user:password@`) replaced by `***@`, for logs, events and error
 /// messages. Text without `://` is redacted up to its last `@` (it may be a URL whose scheme
 /// was left out).
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let parts = split(url);
     match (parts.scheme, parts.userinfo) {
         (_, None) => url.to_owned(),
@@ -157,22 +157,22 @@ pub fn redact(url: &str) -> String {
 /// Where an MQTT broker is, from `mqtt://[user[:password]@]host[:port][/]` (port 1883) or
 /// `mqtts://...` (8883). The user and password are percent-decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Broker {
-    pub tls: bool,
+pub(crate) struct Broker {
+    pub(crate) tls: bool,
     /// A name, an IPv4 address, or an IPv6 address in brackets.
-    pub host: String,
-    pub port: u16,
-    pub user: Option<String>,
-    pub password: Option<Password>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<Password>,
 }
 
 /// A password, never printed.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
+pub(crate) struct Password(String);
 
 impl Password {
     /// The password itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -203,7 +203,7 @@ fn percent_decode(s: &str) -> Option<String> {
 
 impl Broker {
     /// The reasons for an error never quote the URL, which may hold a password.
-    pub fn parse(url: &str) -> Result<Broker, String> {
+    pub(crate) fn parse(url: &str) -> Result<Broker, String> {
         let parts = split(url);
         let tls = match parts.scheme {
             Some("mqtts") => true,

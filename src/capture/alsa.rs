@@ -23,7 +23,7 @@ use ::alsa::{Direction, ValueOr};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::config::ChannelSel;
 
-pub const NAME: &str = "alsa";
+pub(crate) const NAME: &str = "alsa";
 
 /// alsa-lib's per-thread error handler: `va_list` as its last parameter, not `...`.
 type LocalErrorHandler =
@@ -53,7 +53,7 @@ unsafe extern "C" fn ignore_alsa_lib_error(
 /// reports the same failure once per attempt as an `error` event and a log line.
 // `unsafe` allowed: installing the error-handler hook above (a foreign call).
 #[allow(unsafe_code)]
-pub fn quiet_alsa_lib() {
+pub(crate) fn quiet_alsa_lib() {
     // SAFETY: sets a thread-local function pointer in alsa-lib; the handler does nothing.
     unsafe {
         snd_lib_error_set_local(Some(ignore_alsa_lib_error));
@@ -99,7 +99,7 @@ impl AlsaSource {
     }
 
     /// The SCHED_FIFO priority for the capture thread (0: normal scheduling).
-    pub fn with_realtime_priority(mut self, priority: u32) -> AlsaSource {
+    pub(crate) fn with_realtime_priority(mut self, priority: u32) -> AlsaSource {
         self.rt_priority = priority;
         self
     }
@@ -283,28 +283,28 @@ impl Source for AlsaSource {
 
 /// One capture device as `hark devices` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceInfo {
-    pub name: String,
-    pub description: String,
+pub(crate) struct DeviceInfo {
+    pub(crate) name: String,
+    pub(crate) description: String,
     /// What the device accepts, or why it could not be probed.
-    pub caps: Result<Caps, String>,
+    pub(crate) caps: Result<Caps, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caps {
-    pub rate_min: u32,
-    pub rate_max: u32,
+pub(crate) struct Caps {
+    pub(crate) rate_min: u32,
+    pub(crate) rate_max: u32,
     /// Common rates the device accepts.
-    pub rates: Vec<u32>,
-    pub channels_min: u32,
-    pub channels_max: u32,
-    pub s16: bool,
+    pub(crate) rates: Vec<u32>,
+    pub(crate) channels_min: u32,
+    pub(crate) channels_max: u32,
+    pub(crate) s16: bool,
 }
 
 const COMMON_RATES: &[u32] = &[8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000];
 
 /// Probe what `name` accepts for capture.
-pub fn probe(name: &str) -> Result<Caps, String> {
+pub(crate) fn probe(name: &str) -> Result<Caps, String> {
     probe_pcm(name).map_err(|e| e.to_string())
 }
 
@@ -331,7 +331,7 @@ fn probe_pcm(name: &str) -> Result<Caps, ::alsa::Error> {
 /// busy), and every card's hardware devices. Hinted PCMs that cannot capture at all (rate
 /// converter plugins, a sound server that is not running) are left out; `probe` one by name to
 /// see why it fails.
-pub fn list_devices() -> Vec<DeviceInfo> {
+pub(crate) fn list_devices() -> Vec<DeviceInfo> {
     quiet_alsa_lib();
     let mut out: Vec<DeviceInfo> = Vec::new();
     let pcm_iface = CString::new("pcm").unwrap_or_default();

@@ -21,8 +21,8 @@ use super::media::{MediaError, MediaKind, MediaSource};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::config::ChannelSel;
 
-pub const NAME: &str = "file";
-pub const STDIN_NAME: &str = "stdin";
+pub(crate) const NAME: &str = "file";
+pub(crate) const STDIN_NAME: &str = "stdin";
 
 /// Frames read per period: 20 ms at the file's rate.
 pub(super) const PERIOD_MS: usize = 20;
@@ -275,7 +275,7 @@ impl FileSource {
     }
 
     /// Raw s16le 16 kHz mono from standard input.
-    pub fn stdin(pace: bool) -> Result<FileSource, CaptureError> {
+    pub(crate) fn stdin(pace: bool) -> Result<FileSource, CaptureError> {
         // A duplicate of fd 0 as a plain file: `io::Stdin` takes a lock on every read.
         use std::os::fd::AsFd;
         let fd =
@@ -324,7 +324,7 @@ impl FileSource {
     }
 
     /// The file's own rate and channel count.
-    pub fn format(&self) -> (u32, usize) {
+    pub(crate) fn format(&self) -> (u32, usize) {
         (self.rate, self.channels)
     }
 

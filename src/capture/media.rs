@@ -48,7 +48,7 @@ use crate::config::ChannelSel;
 
 /// The compressed formats [`MediaSource`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MediaKind {
+pub(crate) enum MediaKind {
     Flac,
     Mp3,
     OggOpus,
@@ -104,7 +104,7 @@ const READ_AHEAD: u64 = 64 << 10;
 type OggInput = Box<dyn Read + Send>;
 
 /// Reads a FLAC, MP3 or Ogg/Opus file into the ring.
-pub struct MediaSource {
+pub(crate) struct MediaSource {
     label: String,
     path: String,
     kind: MediaKind,
@@ -350,16 +350,6 @@ impl MediaSource {
             ended: false,
             failed: None,
         })
-    }
-
-    /// Which format the file is.
-    pub fn kind(&self) -> MediaKind {
-        self.kind
-    }
-
-    /// Packets lost or undecodable so far (each replaced by silence of its length).
-    pub fn skipped_packets(&self) -> u64 {
-        self.skipped
     }
 
     /// Fill `buf` with up to one period of whole frames, decoding packets as needed; returns the

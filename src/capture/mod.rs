@@ -11,7 +11,7 @@
 pub mod alsa;
 pub mod file;
 pub mod media;
-pub mod realtime;
+pub(crate) mod realtime;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,7 +29,7 @@ use crate::config::ChannelSel;
 use crate::event::{EventKind, Stage};
 
 /// The internal format: mono i16 at this rate.
-pub const SAMPLE_RATE: u32 = 16_000;
+pub(crate) const SAMPLE_RATE: u32 = 16_000;
 
 /// Errors of the capture stage.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ pub enum CaptureError {
 
 impl CaptureError {
     /// Whether reopening the source later may help (a device may come back; a file will not heal).
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         matches!(
             self,
             CaptureError::Alsa { .. } | CaptureError::Unsupported { .. }
@@ -84,7 +84,7 @@ impl CaptureError {
     }
 
     /// The `code` of the `error` event.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             CaptureError::Input { .. } => "input_unreadable",
             CaptureError::Wav { .. } => "bad_wav",
@@ -139,44 +139,44 @@ pub trait Source: Send {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
     /// Stream position where the gap starts.
-    pub pos: u64,
+    pub(crate) pos: u64,
     /// Samples lost (an overrun, replayed as silence), or 0 for a discontinuity (device lost).
-    pub len: u64,
+    pub(crate) len: u64,
 }
 
 /// State shared by the capture thread, the dsp thread and the control thread.
 #[derive(Debug, Default)]
 pub struct RingState {
     /// Set by the control thread: capture stops, dsp drains and closes the open utterance.
-    pub stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
     /// Set by the capture thread when it will push no more samples.
-    pub finished: AtomicBool,
+    pub(crate) finished: AtomicBool,
     /// Overruns (ring full, device xruns), each one a gap.
-    pub overruns: AtomicU64,
+    pub(crate) overruns: AtomicU64,
     /// Samples lost to overruns.
     pub lost_samples: AtomicU64,
     /// Whether the source is open and delivering (false while a device is being reopened).
-    pub capturing: AtomicBool,
+    pub(crate) capturing: AtomicBool,
     /// Set by a file source while it waits for room in the ring.
     producer_waiting: AtomicBool,
     /// Set when the dsp thread has ended (normally or not): nobody reads the ring any more.
-    pub consumer_gone: AtomicBool,
+    pub(crate) consumer_gone: AtomicBool,
     /// Set once the source is open or its first open has failed (systemd's READY=1 waits for it).
-    pub started: AtomicBool,
+    pub(crate) started: AtomicBool,
     /// Bumped by the capture thread for each period that moved the stream (samples or a marked
     /// loss) and while it waits to reopen a lost device: still while it is stalled.
-    pub capture_beats: AtomicU64,
+    pub(crate) capture_beats: AtomicU64,
     /// Bumped by the dsp thread for each pass of its loop (a chunk, a gap, or an idle wait).
-    pub dsp_beats: AtomicU64,
+    pub(crate) dsp_beats: AtomicU64,
     /// Utterances kept so far (the dsp thread's count, for systemd's STATUS line).
-    pub utterances: AtomicU64,
+    pub(crate) utterances: AtomicU64,
     /// Stream position the dsp thread has judged up to (`hark transcribe`'s progress).
-    pub position: AtomicU64,
+    pub(crate) position: AtomicU64,
     /// A capture error that ended the input for good (an unreadable file), for the exit status.
-    pub fatal: Mutex<Option<CaptureError>>,
+    pub(crate) fatal: Mutex<Option<CaptureError>>,
     /// The threads at each end of the ring, woken when the other end moves.
-    pub producer: OnceLock<Thread>,
-    pub consumer: OnceLock<Thread>,
+    pub(crate) producer: OnceLock<Thread>,
+    pub(crate) consumer: OnceLock<Thread>,
 }
 
 impl RingState {
@@ -247,7 +247,7 @@ pub fn ring(capacity: usize, shared: Arc<RingState>) -> (RingWriter, RingReader)
 impl RingWriter {
     /// Push samples. A device source drops what does not fit (an overrun, marked as a gap); a file
     /// source waits for the consumer. Returns false when told to stop while waiting.
-    pub fn push(&mut self, mut samples: &[i16]) -> bool {
+    pub(crate) fn push(&mut self, mut samples: &[i16]) -> bool {
         loop {
             // A pending loss is published once a sample can follow it; while 64 losses wait
             // unread, these samples are lost too (the pending gap grows: the timeline stays exact).
@@ -282,7 +282,7 @@ impl RingWriter {
     }
 
     /// Record that `len` samples were lost here. Back-to-back losses make one gap.
-    pub fn mark_gap(&mut self, len: u64) {
+    pub(crate) fn mark_gap(&mut self, len: u64) {
         if len == 0 {
             return;
         }
@@ -299,7 +299,7 @@ impl RingWriter {
     }
 
     /// Record a discontinuity (a lost device): the open utterance ends here.
-    pub fn mark_break(&mut self) {
+    pub(crate) fn mark_break(&mut self) {
         self.publish_gap();
         let _ = self.gaps.try_push(Gap {
             pos: self.pos,
@@ -310,7 +310,7 @@ impl RingWriter {
 
     /// Publish any pending loss (before samples that follow it, or when capture ends). Returns
     /// false when the gap ring is full.
-    pub fn publish_gap(&mut self) -> bool {
+    pub(crate) fn publish_gap(&mut self) -> bool {
         if let Some(gap) = self.pending {
             if self.gaps.try_push(gap).is_err() {
                 return false;
@@ -326,7 +326,7 @@ impl RingWriter {
     }
 
     /// The stream position of the next sample.
-    pub fn position(&self) -> u64 {
+    pub(crate) fn position(&self) -> u64 {
         self.pos
     }
 }
@@ -358,30 +358,26 @@ impl RingReader {
     }
 
     /// Wait until the producer may have pushed something, or `timeout`.
-    pub fn wait(&self, timeout: Duration) {
+    pub(crate) fn wait(&self, timeout: Duration) {
         if self.samples.is_empty() && self.gaps.is_empty() {
             thread::park_timeout(timeout);
         }
     }
 
     /// True once the producer finished and everything it pushed has been read.
-    pub fn is_drained(&self) -> bool {
+    pub(crate) fn is_drained(&self) -> bool {
         self.shared.finished.load(Ordering::Acquire)
             && self.samples.is_empty()
             && self.gaps.is_empty()
     }
 
-    /// True when nothing is waiting in the ring now.
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty() && self.gaps.is_empty()
-    }
-
     /// Stream position of the next sample read.
-    pub fn position(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn position(&self) -> u64 {
         self.pos
     }
 
-    pub fn shared(&self) -> &Arc<RingState> {
+    pub(crate) fn shared(&self) -> &Arc<RingState> {
         &self.shared
     }
 }
@@ -389,7 +385,7 @@ impl RingReader {
 /// Turns interleaved device samples into mono 16 kHz and pushes them into the ring.
 ///
 /// All buffers are allocated in [`Converter::new`]; [`Converter::push`] does not allocate.
-pub struct Converter {
+pub(crate) struct Converter {
     channels: usize,
     select: ChannelSel,
     mono: Vec<i16>,
@@ -412,7 +408,7 @@ struct Resample {
 
 impl Converter {
     /// A converter for `channels`-channel audio at `rate`, fed at most `max_frames` frames a call.
-    pub fn new(
+    pub(crate) fn new(
         rate: u32,
         channels: usize,
         select: ChannelSel,
@@ -432,7 +428,7 @@ impl Converter {
     }
 
     /// Convert `interleaved` (whole frames) and push it. Returns false when told to stop.
-    pub fn push(&mut self, interleaved: &[i16], ring: &mut RingWriter) -> bool {
+    pub(crate) fn push(&mut self, interleaved: &[i16], ring: &mut RingWriter) -> bool {
         let frames = (interleaved.len() / self.channels).min(self.mono.len());
         let mono = &mut self.mono[..frames];
         if self.channels == 1 {
@@ -462,7 +458,7 @@ impl Converter {
 
     /// At end of input: push what the resampler still holds, so that the output has exactly
     /// `input * 16000 / rate` samples.
-    pub fn flush(&mut self, ring: &mut RingWriter) -> bool {
+    pub(crate) fn flush(&mut self, ring: &mut RingWriter) -> bool {
         match &mut self.resampler {
             None => true,
             Some(r) => r.flush(ring),
@@ -568,14 +564,14 @@ impl Resample {
 
 /// Owns the capture thread. Dropping it stops the thread and joins it (or, for a source blocked in
 /// a read that cannot be interrupted, such as stdin, leaves it to end with the process).
-pub struct CaptureHandle {
+pub(crate) struct CaptureHandle {
     shared: Arc<RingState>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl CaptureHandle {
     /// Ask the thread to stop after its current period.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = &self.thread {
             t.thread().unpark();
@@ -601,7 +597,7 @@ impl Drop for CaptureHandle {
 
 /// Start the capture thread. The source should already be open (so that a bad file is reported
 /// before anything starts); a device that fails later is reopened with backoff.
-pub fn spawn(
+pub(crate) fn spawn(
     mut source: Box<dyn Source>,
     mut ring: RingWriter,
     events: Events,

@@ -11,7 +11,7 @@ use crate::sys;
 
 /// The priority asked for by default: above ordinary threads, below the audio servers' and the
 /// kernel's own threaded IRQs (50).
-pub const DEFAULT_PRIORITY: u32 = 10;
+pub(crate) const DEFAULT_PRIORITY: u32 = 10;
 
 /// Whether the denial was already logged: once per process, not once per capture thread.
 static WARNED: AtomicBool = AtomicBool::new(false);
@@ -19,7 +19,7 @@ static WARNED: AtomicBool = AtomicBool::new(false);
 /// The priority to ask for: `want`, capped by the soft `RLIMIT_RTPRIO` (`None`: unlimited). A
 /// limit of 0 leaves `want` as is: it is then allowed only with CAP_SYS_NICE (root), and the
 /// attempt says which.
-pub fn choose_priority(want: u32, rlimit: Option<u64>) -> u32 {
+pub(crate) fn choose_priority(want: u32, rlimit: Option<u64>) -> u32 {
     match rlimit {
         Some(limit) if limit > 0 => want.min(u32::try_from(limit).unwrap_or(u32::MAX)),
         _ => want,
@@ -28,7 +28,7 @@ pub fn choose_priority(want: u32, rlimit: Option<u64>) -> u32 {
 
 /// Move the calling thread to SCHED_FIFO at `want` (capped by RLIMIT_RTPRIO); 0 does nothing.
 /// Logs the outcome: info on success, one warning per process on failure. Never fails.
-pub fn promote_current_thread(want: u32) {
+pub(crate) fn promote_current_thread(want: u32) {
     if want == 0 {
         return;
     }
@@ -46,7 +46,7 @@ pub fn promote_current_thread(want: u32) {
 }
 
 /// The warning for a denied promotion: why, and how to allow it.
-pub fn denied_hint(priority: u32, e: std::io::Error) -> String {
+pub(crate) fn denied_hint(priority: u32, e: std::io::Error) -> String {
     format!(
         "realtime priority denied for the capture thread (SCHED_FIFO {priority}: {e}); capturing \
          at normal priority, which may overrun on a busy system. To allow it: LimitRTPRIO={priority} \

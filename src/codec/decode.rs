@@ -52,7 +52,7 @@ use super::opus::SAMPLE_RATE;
 const GRANULE_PER_SAMPLE: u64 = 48_000 / SAMPLE_RATE as u64;
 /// Longest Opus packet (120 ms) in output samples per channel: the most
 /// samples one [`OggOpusReader::read`] appends.
-pub const MAX_PACKET_SAMPLES: usize = SAMPLE_RATE as usize * 120 / 1000;
+pub(crate) const MAX_PACKET_SAMPLES: usize = SAMPLE_RATE as usize * 120 / 1000;
 /// Most output samples a file decoded into memory may have (4 hours). A few
 /// bytes of Opus can stand for 120 ms of audio, so without a limit a small
 /// hostile file could make [`decode_ogg_opus`] allocate gigabytes. (The
@@ -139,7 +139,7 @@ pub fn decode_ogg_opus(bytes: &[u8]) -> Result<Vec<i16>, DecodeError> {
 /// Decodes a whole Ogg/Opus file (as [`decode_ogg_opus`]) into a complete
 /// 16-bit PCM mono WAV file at 16 kHz, written by hound packet by packet as
 /// it is decoded: the upload's fallback for servers that refuse Ogg.
-pub fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
+pub(crate) fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let mut reader = OggOpusReader::new(bytes)?;
     let spec = hound::WavSpec {
         channels: 1,
@@ -183,7 +183,7 @@ pub fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
 /// stream that is the same as trimming the whole output to the last page's
 /// granule position (what this decoder did when it decoded whole files); a
 /// page before the last that does it has its own audio trimmed.
-pub struct OggOpusReader<R> {
+pub(crate) struct OggOpusReader<R> {
     input: R,
     /// Byte offset of the next page in the input.
     offset: usize,
@@ -241,7 +241,7 @@ impl<R: Read> OggOpusReader<R> {
     /// Reads pages up to the first audio page: finds the Opus stream (the
     /// first logical stream that begins with OpusHead) and checks its
     /// headers.
-    pub fn new(input: R) -> Result<Self, DecodeError> {
+    pub(crate) fn new(input: R) -> Result<Self, DecodeError> {
         let mut r = Self {
             input,
             offset: 0,
@@ -302,7 +302,7 @@ impl<R: Read> OggOpusReader<R> {
     /// Decodes the next packet and appends its samples that are kept (none
     /// for a packet inside the pre-skip, at most [`MAX_PACKET_SAMPLES`]) to
     /// `out`. Returns `false` at the end of the stream.
-    pub fn read(&mut self, out: &mut Vec<i16>) -> Result<bool, DecodeError> {
+    pub(crate) fn read(&mut self, out: &mut Vec<i16>) -> Result<bool, DecodeError> {
         loop {
             if let Some(packet) = self.queue.pop_front() {
                 let Some(decoder) = self.decoder.as_mut() else {
@@ -331,7 +331,7 @@ impl<R: Read> OggOpusReader<R> {
     /// of its last page in `tail` (the last bytes of the input, or all of
     /// it); `None` if `tail` holds no complete page of the stream with one.
     /// A measure of progress: a damaged or cut stream delivers less.
-    pub fn length_from_tail(&self, tail: &[u8]) -> Option<u64> {
+    pub(crate) fn length_from_tail(&self, tail: &[u8]) -> Option<u64> {
         let granule = (0..tail.len())
             .rev()
             .filter(|&at| tail[at..].starts_with(b"OggS"))

@@ -6,7 +6,7 @@
 //! `capture::media`), resampling, and anything about where the bytes go.
 
 pub mod decode;
-pub mod ogg;
-pub mod opus;
+pub(crate) mod ogg;
+pub(crate) mod opus;
 
 pub use opus::{EncodeError, EncodeSettings, OggOpusWriter};

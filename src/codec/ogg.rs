@@ -46,18 +46,18 @@ pub(crate) const FLAG_BOS: u8 = 0x02;
 pub(crate) const FLAG_EOS: u8 = 0x04;
 
 /// Granule position of a page on which no packet completes (-1).
-pub const NO_GRANULE: u64 = u64::MAX;
+pub(crate) const NO_GRANULE: u64 = u64::MAX;
 
 /// The fields of a page header that a reader checks itself. The capture
 /// pattern, version, lacing values and CRC are the `ogg` crate's to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PageHeader {
     /// Header type flags ([`FLAG_CONTINUED`], [`FLAG_BOS`], [`FLAG_EOS`]).
-    pub flags: u8,
+    pub(crate) flags: u8,
     /// Granule position; [`NO_GRANULE`] if no packet ends on the page.
-    pub granule: u64,
-    pub serial: u32,
-    pub sequence: u32,
+    pub(crate) granule: u64,
+    pub(crate) serial: u32,
+    pub(crate) sequence: u32,
 }
 
 impl PageHeader {
@@ -99,7 +99,7 @@ const fn crc_table() -> [u32; 256] {
 }
 
 /// Continues an Ogg CRC-32 over `data` (start with `crc = 0`).
-pub fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
+pub(crate) fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
     for &b in data {
         crc = (crc << 8) ^ CRC_TABLE[usize::from((crc >> 24) as u8 ^ b)];
     }
@@ -107,7 +107,7 @@ pub fn crc32_update(mut crc: u32, data: &[u8]) -> u32 {
 }
 
 /// Writes one logical Ogg stream, page by page, to `W`.
-pub struct OggPageWriter<W: Write> {
+pub(crate) struct OggPageWriter<W: Write> {
     out: W,
     serial: u32,
     sequence: u32,
@@ -126,7 +126,7 @@ pub struct OggPageWriter<W: Write> {
 
 impl<W: Write> OggPageWriter<W> {
     /// Starts a logical stream with the given serial number.
-    pub fn new(out: W, serial: u32) -> Self {
+    pub(crate) fn new(out: W, serial: u32) -> Self {
         Self {
             out,
             serial,
@@ -143,7 +143,12 @@ impl<W: Write> OggPageWriter<W> {
     /// Appends `packet`, whose end has granule position `granule`, to the
     /// current page; pages that fill up on the way are written out. With
     /// `end_page` the page is written after this packet and `W` is flushed.
-    pub fn write_packet(&mut self, packet: &[u8], granule: u64, end_page: bool) -> io::Result<()> {
+    pub(crate) fn write_packet(
+        &mut self,
+        packet: &[u8],
+        granule: u64,
+        end_page: bool,
+    ) -> io::Result<()> {
         self.append(packet, granule)?;
         if end_page {
             self.flush_page(0)?;
@@ -154,16 +159,11 @@ impl<W: Write> OggPageWriter<W> {
 
     /// Writes `last_packet` as the final packet of the stream, with the EOS
     /// flag on its (last) page, flushes `W` and returns it.
-    pub fn finish(mut self, last_packet: &[u8], granule: u64) -> io::Result<W> {
+    pub(crate) fn finish(mut self, last_packet: &[u8], granule: u64) -> io::Result<W> {
         self.append(last_packet, granule)?;
         self.flush_page(FLAG_EOS)?;
         self.out.flush()?;
         Ok(self.out)
-    }
-
-    /// Returns the underlying writer; data of an unfinished page is dropped.
-    pub fn into_inner(self) -> W {
-        self.out
     }
 
     fn append(&mut self, packet: &[u8], granule: u64) -> io::Result<()> {
@@ -229,12 +229,12 @@ pub(crate) mod tests {
 
     /// One parsed page.
     pub(crate) struct Page {
-        pub header_type: u8,
-        pub granule: u64,
-        pub serial: u32,
-        pub sequence: u32,
-        pub lacing: Vec<u8>,
-        pub body: Vec<u8>,
+        pub(crate) header_type: u8,
+        pub(crate) granule: u64,
+        pub(crate) serial: u32,
+        pub(crate) sequence: u32,
+        pub(crate) lacing: Vec<u8>,
+        pub(crate) body: Vec<u8>,
     }
 
     /// Independent bitwise Ogg CRC-32.
@@ -355,7 +355,7 @@ pub(crate) mod tests {
 
         let mut w = OggPageWriter::new(Vec::new(), 1234);
         w.write_packet(&page[28..], 0, true).unwrap();
-        assert_eq!(w.into_inner(), page);
+        assert_eq!(w.out, page);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use opus::{Application, Bitrate, Channels, Encoder};
 use super::ogg::OggPageWriter;
 
 /// Input sample rate (Hz); input is mono.
-pub const SAMPLE_RATE: u32 = 16_000;
+pub(crate) const SAMPLE_RATE: u32 = 16_000;
 /// Samples per 20 ms frame at [`SAMPLE_RATE`].
 const FRAME: usize = 320;
 /// Ogg/Opus granule positions count 48 kHz samples.
@@ -133,11 +133,6 @@ impl<W: Write> OggOpusWriter<W> {
         Ok(())
     }
 
-    /// Input samples accepted so far.
-    pub fn samples(&self) -> u64 {
-        self.samples
-    }
-
     /// Encodes the rest (zero-padded, plus enough silence to flush the
     /// encoder's lookahead), writes the EOS page with the end-trimmed granule
     /// position and returns the writer and the total number of input samples.
@@ -231,7 +226,7 @@ mod tests {
         for c in input.chunks(chunk.max(1)) {
             w.write(c).unwrap();
         }
-        assert_eq!(w.samples(), input.len() as u64);
+        assert_eq!(w.samples, input.len() as u64);
         let (bytes, total) = w.finish().unwrap();
         assert_eq!(total, input.len() as u64);
         bytes

@@ -23,22 +23,22 @@ use dsp::Dsp;
 
 /// What the dsp thread needs to know.
 #[derive(Debug, Clone)]
-pub struct DspConfig {
-    pub segmenter: Settings,
-    pub vad_mode: u8,
-    pub encode: EncodeSettings,
+pub(crate) struct DspConfig {
+    pub(crate) segmenter: Settings,
+    pub(crate) vad_mode: u8,
+    pub(crate) encode: EncodeSettings,
     /// Source description for the utterance metadata.
-    pub source: String,
+    pub(crate) source: String,
     /// Where finished utterances go for upload; `None` records only.
-    pub uploads: Option<Submitter>,
+    pub(crate) uploads: Option<Submitter>,
     /// Whether `speech_end` names the audio file (it is kept: record-only or `spool.keep_audio`).
-    pub announce_audio: bool,
+    pub(crate) announce_audio: bool,
 }
 
 impl DspConfig {
     /// The dsp settings of `config`, for a source described as `source`; utterances are not
     /// handed on for upload until `uploads` is set.
-    pub fn from_config(config: &Config, source: String) -> DspConfig {
+    pub(crate) fn from_config(config: &Config, source: String) -> DspConfig {
         let v = &config.vad;
         DspConfig {
             segmenter: Settings::from_ms(
@@ -62,7 +62,7 @@ impl DspConfig {
     }
 
     /// The part a reloaded config may change while running.
-    pub fn update(&self) -> DspUpdate {
+    pub(crate) fn update(&self) -> DspUpdate {
         DspUpdate {
             segmenter: self.segmenter,
             vad_mode: self.vad_mode,
@@ -72,7 +72,7 @@ impl DspConfig {
 }
 
 /// The ring between capture and dsp, in samples, for `capture.ring_ms`.
-pub fn ring_samples(config: &Config) -> usize {
+pub(crate) fn ring_samples(config: &Config) -> usize {
     let samples = u64::from(config.capture.ring_ms) * u64::from(SAMPLE_RATE) / 1000;
     usize::try_from(samples).unwrap_or(usize::MAX).max(1)
 }
@@ -80,10 +80,10 @@ pub fn ring_samples(config: &Config) -> usize {
 /// New dsp settings from a reloaded config (SIGHUP). Applied between utterances, so an utterance
 /// is cut by one set of rules; `frame_ms` cannot change without a restart.
 #[derive(Debug, Clone, Copy)]
-pub struct DspUpdate {
-    pub segmenter: Settings,
-    pub vad_mode: u8,
-    pub encode: EncodeSettings,
+pub(crate) struct DspUpdate {
+    pub(crate) segmenter: Settings,
+    pub(crate) vad_mode: u8,
+    pub(crate) encode: EncodeSettings,
 }
 
 /// Counts of what the dsp thread did.
@@ -95,7 +95,7 @@ pub struct Summary {
 }
 
 /// The running capture and dsp threads.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     capture: Option<CaptureHandle>,
     dsp: Option<JoinHandle<Summary>>,
     shared: Arc<RingState>,
@@ -105,7 +105,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// Start capture and dsp. `opened` says whether `source` is already open. `done` receives one
     /// message when the dsp thread has finished (end of input, or after `stop`).
-    pub fn start<T: Send + 'static>(
+    pub(crate) fn start<T: Send + 'static>(
         source: Box<dyn Source>,
         opened: bool,
         ring_samples: usize,
@@ -141,7 +141,7 @@ impl Pipeline {
     }
 
     /// Stop capture; the dsp thread then drains the ring and closes the open utterance.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(c) = &self.capture {
             c.stop();
@@ -152,19 +152,19 @@ impl Pipeline {
     }
 
     /// New vad and encode settings, taken by the dsp thread before its next utterance.
-    pub fn reconfigure(&self, update: DspUpdate) {
+    pub(crate) fn reconfigure(&self, update: DspUpdate) {
         let _ = self.updates.send(update);
     }
 
     /// A handle that reads the pipeline's state from any thread (status, systemd, progress).
-    pub fn probe(&self) -> Probe {
+    pub(crate) fn probe(&self) -> Probe {
         Probe {
             shared: self.shared.clone(),
         }
     }
 
     /// Wait for both threads; returns what the dsp thread did.
-    pub fn join(mut self) -> Summary {
+    pub(crate) fn join(mut self) -> Summary {
         self.finish()
     }
 
@@ -190,35 +190,35 @@ impl Drop for Pipeline {
 
 /// Reads the state of a running (or ended) pipeline; cheap to clone, safe from any thread.
 #[derive(Clone)]
-pub struct Probe {
+pub(crate) struct Probe {
     shared: Arc<RingState>,
 }
 
 /// The pipeline's state at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PipelineHealth {
+pub(crate) struct PipelineHealth {
     /// The source is open, or its first open failed (systemd's READY=1 waits for this).
-    pub started: bool,
+    pub(crate) started: bool,
     /// The source is open and delivering (false while a device is being reopened).
-    pub capturing: bool,
+    pub(crate) capturing: bool,
     /// The input ended (end of file): capture will push no more samples.
-    pub finished: bool,
+    pub(crate) finished: bool,
     /// The dsp thread ended.
-    pub dsp_ended: bool,
+    pub(crate) dsp_ended: bool,
     /// Overruns so far (ring full, device xruns), each one a gap.
-    pub overruns: u64,
+    pub(crate) overruns: u64,
     /// Utterances kept so far.
     pub utterances: u64,
     /// How far (in samples at 16 kHz) the dsp thread has judged the stream.
-    pub position: u64,
+    pub(crate) position: u64,
     /// Bumped for each capture period that moved the stream, and while a lost device is awaited.
-    pub capture_beats: u64,
+    pub(crate) capture_beats: u64,
     /// Bumped for each pass of the dsp thread's loop.
-    pub dsp_beats: u64,
+    pub(crate) dsp_beats: u64,
 }
 
 impl Probe {
-    pub fn health(&self) -> PipelineHealth {
+    pub(crate) fn health(&self) -> PipelineHealth {
         let s = &self.shared;
         PipelineHealth {
             started: s.started.load(Ordering::Acquire),
@@ -235,7 +235,7 @@ impl Probe {
 
     /// The capture error that ended the input for good (an unreadable or truncated file), taken
     /// once for the exit status.
-    pub fn take_fatal(&self) -> Option<capture::CaptureError> {
+    pub(crate) fn take_fatal(&self) -> Option<capture::CaptureError> {
         self.shared
             .fatal
             .lock()

@@ -9,7 +9,7 @@
 //! Deliberately not here: anything a single command does (its options, its output, its exit
 //! rules beyond the shared ones).
 
-pub mod shutdown;
+pub(crate) mod shutdown;
 mod signals;
 mod sinks;
 
@@ -35,7 +35,7 @@ use signals::SignalThread;
 use sinks::Sinks;
 
 /// What the control loop hears.
-pub enum Control {
+pub(crate) enum Control {
     Signal(i32),
     PipelineDone,
     UploadsDone,
@@ -49,7 +49,7 @@ pub enum Control {
 
 /// Why a session could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// The spool directory is unusable.
     #[error(transparent)]
     Spool(#[from] SpoolError),
@@ -68,7 +68,7 @@ pub enum StartError {
 }
 
 /// Where the events go.
-pub enum Outputs {
+pub(crate) enum Outputs {
     /// The sinks of `[output]` (stdout, socket, MQTT).
     Configured,
     /// Queues the command drains itself.
@@ -76,17 +76,17 @@ pub enum Outputs {
 }
 
 /// The upload threads of a session.
-pub struct Uploads {
-    pub setup: Setup,
-    pub patience: Patience,
-    pub workers: usize,
+pub(crate) struct Uploads {
+    pub(crate) setup: Setup,
+    pub(crate) patience: Patience,
+    pub(crate) workers: usize,
     /// Send each outcome to the driver as [`Control::Result`].
-    pub results: bool,
+    pub(crate) results: bool,
 }
 
 /// Where the dsp thread's utterances go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// Straight to the upload queue (or nowhere, recording only).
     Uploads,
     /// To the driver as [`Control::Utterance`].
@@ -94,32 +94,32 @@ pub enum Route {
 }
 
 /// Capture and dsp for a session.
-pub struct Capture {
-    pub source: Box<dyn Source>,
+pub(crate) struct Capture {
+    pub(crate) source: Box<dyn Source>,
     /// Whether `source` is already open (a file) or opened by the capture thread (a device).
-    pub opened: bool,
-    pub dsp: DspConfig,
-    pub route: Route,
+    pub(crate) opened: bool,
+    pub(crate) dsp: DspConfig,
+    pub(crate) route: Route,
 }
 
 /// What a command needs from its session.
-pub struct Plan {
-    pub outputs: Outputs,
+pub(crate) struct Plan {
+    pub(crate) outputs: Outputs,
     /// The spool to use; `None` opens `spool.dir`.
-    pub spool: Option<Arc<Spool>>,
+    pub(crate) spool: Option<Arc<Spool>>,
     /// Stop on SIGTERM/SIGINT, and hand SIGHUP to the driver.
-    pub signals: bool,
+    pub(crate) signals: bool,
     /// Talk to systemd (READY, STATUS, WATCHDOG, STOPPING).
-    pub notify: bool,
+    pub(crate) notify: bool,
     /// Emit `status` events: on every change of the uploads' state and at the end, and also
     /// this often.
-    pub status: Option<Option<Duration>>,
-    pub uploads: Option<Uploads>,
-    pub capture: Option<Capture>,
+    pub(crate) status: Option<Option<Duration>>,
+    pub(crate) uploads: Option<Uploads>,
+    pub(crate) capture: Option<Capture>,
 }
 
 /// What a command does with what its session hears.
-pub trait Driver {
+pub(crate) trait Driver {
     /// SIGHUP.
     fn reload(&mut self, _session: &mut Session) {}
     /// [`Control::Utterance`] and [`Control::Result`].
@@ -132,11 +132,11 @@ pub trait Driver {
 }
 
 /// A driver that adds nothing.
-pub struct Plain;
+pub(crate) struct Plain;
 impl Driver for Plain {}
 
 /// The running stages of one command.
-pub struct Session {
+pub(crate) struct Session {
     tx: Sender<Control>,
     rx: Receiver<Control>,
     sinks: Sinks,
@@ -151,20 +151,20 @@ pub struct Session {
 }
 
 /// What a session left behind when it ended.
-pub struct Ended {
+pub(crate) struct Ended {
     /// What the dsp thread did (zero without capture).
-    pub summary: Summary,
+    pub(crate) summary: Summary,
     /// What the upload threads did, when they ended by themselves.
-    pub report: Option<Report>,
+    pub(crate) report: Option<Report>,
     /// The capture error that ended the input for good.
-    pub fatal: Option<CaptureError>,
-    pub shutdown: Shutdown,
-    pub spool: Arc<Spool>,
+    pub(crate) fatal: Option<CaptureError>,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) spool: Arc<Spool>,
 }
 
 impl Session {
     /// Start the stages of `plan` in order. On an error, what was started is stopped again.
-    pub fn start(config: &Config, plan: Plan) -> Result<Session, StartError> {
+    pub(crate) fn start(config: &Config, plan: Plan) -> Result<Session, StartError> {
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
         let sinks = match plan.outputs {
@@ -277,44 +277,40 @@ impl Session {
         })
     }
 
-    pub fn events(&self) -> &Events {
+    pub(crate) fn events(&self) -> &Events {
         &self.sinks.events
     }
 
-    pub fn spool(&self) -> &Arc<Spool> {
+    pub(crate) fn spool(&self) -> &Arc<Spool> {
         &self.spool
     }
 
-    pub fn health(&self) -> Option<&Arc<Health>> {
-        self.health.as_ref()
-    }
-
     /// The pipeline's state, when the session captures.
-    pub fn probe(&self) -> Option<Probe> {
+    pub(crate) fn probe(&self) -> Option<Probe> {
         self.pipeline.as_ref().map(Pipeline::probe)
     }
 
     /// Whether the upload threads are still taking utterances.
-    pub fn uploading(&self) -> bool {
+    pub(crate) fn uploading(&self) -> bool {
         self.uploader.is_some() && !self.shutdown.uploads_done()
     }
 
     /// Queue an utterance for upload (a driver that routes utterances itself).
-    pub fn submit(&self, entry: Entry, ended: Instant) {
+    pub(crate) fn submit(&self, entry: Entry, ended: Instant) {
         if let (Some(u), true) = (&self.uploader, self.uploading()) {
             u.submitter().submit(entry, ended);
         }
     }
 
     /// New vad and encode settings for the dsp thread (SIGHUP).
-    pub fn reconfigure_dsp(&self, update: DspUpdate) {
+    pub(crate) fn reconfigure_dsp(&self, update: DspUpdate) {
         if let Some(p) = &self.pipeline {
             p.reconfigure(update);
         }
     }
 
     /// New endpoints and keys for the upload threads (SIGHUP); `false` without upload threads.
-    pub fn reconfigure_uploads(&self, setup: Setup) -> bool {
+    pub(crate) fn reconfigure_uploads(&self, setup: Setup) -> bool {
         match &self.uploader {
             Some(u) => {
                 u.reconfigure(setup);
@@ -325,25 +321,25 @@ impl Session {
     }
 
     /// Whether the session has upload threads at all.
-    pub fn has_uploads(&self) -> bool {
+    pub(crate) fn has_uploads(&self) -> bool {
         self.uploader.is_some()
     }
 
     /// Restart the sinks with the `[output]` of `new` (SIGHUP); `false` if the old ones run again.
-    pub fn restart_outputs(&mut self, new: &Config, old: &Config) -> bool {
+    pub(crate) fn restart_outputs(&mut self, new: &Config, old: &Config) -> bool {
         let tx = self.tx.clone();
         self.sinks.restart(new, old, &tx)
     }
 
     /// Emit a `status` event now (sessions that report status).
-    pub fn emit_status(&self) {
+    pub(crate) fn emit_status(&self) {
         if let Some(h) = &self.health {
             h.emit();
         }
     }
 
     /// Run until the work is done, or a stop and its deadline; then stop every stage in order.
-    pub fn run(mut self, driver: &mut dyn Driver) -> Ended {
+    pub(crate) fn run(mut self, driver: &mut dyn Driver) -> Ended {
         let start = self.shutdown.start();
         self.act(&start);
         let forever = Duration::from_secs(365 * 24 * 3600);

@@ -9,11 +9,11 @@
 use std::time::{Duration, Instant};
 
 /// How long a stop leaves the upload in flight (and the last utterance) to finish.
-pub const UPLOAD_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const UPLOAD_GRACE: Duration = Duration::from_secs(5);
 
 /// Something the control loop heard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Input {
+pub(crate) enum Input {
     /// SIGTERM or SIGINT.
     StopSignal,
     /// A sink ended by itself and none is left (`hark | head -1`).
@@ -26,7 +26,7 @@ pub enum Input {
 
 /// What the control loop must do now, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Tell systemd `STOPPING=1`.
     Stopping,
     /// Stop capture: the dsp thread drains the ring and closes the open utterance.
@@ -39,14 +39,14 @@ pub enum Action {
 
 /// Why a stop was asked for (the log line says it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     Signal,
     NoSink,
 }
 
 /// Where the session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     Running,
     /// Both the pipeline and the uploads ended.
     Done,
@@ -56,7 +56,7 @@ pub enum Phase {
 
 /// The shutdown rules of one session.
 #[derive(Debug, Clone)]
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     grace: Duration,
     pipeline_done: bool,
     uploads_done: bool,
@@ -68,7 +68,7 @@ pub struct Shutdown {
 impl Shutdown {
     /// `pipeline`: whether the session captures (`hark upload` does not); `uploads`: whether it
     /// has upload threads.
-    pub fn new(pipeline: bool, uploads: bool, grace: Duration) -> Shutdown {
+    pub(crate) fn new(pipeline: bool, uploads: bool, grace: Duration) -> Shutdown {
         Shutdown {
             grace,
             pipeline_done: !pipeline,
@@ -80,7 +80,7 @@ impl Shutdown {
     }
 
     /// What to do at the start: a session without capture lets its uploads finish the queue.
-    pub fn start(&self) -> Vec<Action> {
+    pub(crate) fn start(&self) -> Vec<Action> {
         if self.pipeline_done && self.has_uploads {
             vec![Action::FinishUploads]
         } else {
@@ -89,7 +89,7 @@ impl Shutdown {
     }
 
     /// Take one input; returns the actions, in order.
-    pub fn on(&mut self, input: Input, now: Instant) -> Vec<Action> {
+    pub(crate) fn on(&mut self, input: Input, now: Instant) -> Vec<Action> {
         match input {
             Input::StopSignal => self.stop(Cause::Signal, now),
             // A stop already under way goes on as it is; the last sink going is not a second signal.
@@ -131,7 +131,7 @@ impl Shutdown {
     }
 
     /// Where the session is at `now`.
-    pub fn phase(&self, now: Instant) -> Phase {
+    pub(crate) fn phase(&self, now: Instant) -> Phase {
         if self.pipeline_done && self.uploads_done {
             return Phase::Done;
         }
@@ -143,30 +143,30 @@ impl Shutdown {
     }
 
     /// When the control loop must wake at the latest to see a deadline pass.
-    pub fn wake_by(&self) -> Option<Instant> {
+    pub(crate) fn wake_by(&self) -> Option<Instant> {
         self.stop_by.filter(|_| self.pipeline_done)
     }
 
     /// Why the session was asked to stop, if it was.
-    pub fn cause(&self) -> Option<Cause> {
+    pub(crate) fn cause(&self) -> Option<Cause> {
         self.cause
     }
 
     /// Whether the stop came from outside (a signal, the last sink gone) rather than the end of
     /// the work.
-    pub fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.cause.is_some()
     }
 
     /// Whether the upload threads ended by themselves (else they are left behind, detached).
-    pub fn uploads_done(&self) -> bool {
+    pub(crate) fn uploads_done(&self) -> bool {
         self.uploads_done
     }
 }
 
 /// How a `hark run` ends, from what it left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunVerdict {
+pub(crate) enum RunVerdict {
     Ok,
     /// The input broke off (a truncated file): what came before is spooled, but say so.
     InputBroken,
@@ -176,7 +176,7 @@ pub enum RunVerdict {
 
 /// The exit rule of `hark run`: a broken input first; failed utterances count only when the run
 /// ended by itself (a stop by signal is a normal end whatever happened before).
-pub fn run_verdict(shutdown: &Shutdown, input_broken: bool, failed: u64) -> RunVerdict {
+pub(crate) fn run_verdict(shutdown: &Shutdown, input_broken: bool, failed: u64) -> RunVerdict {
     if input_broken {
         RunVerdict::InputBroken
     } else if failed > 0 && !shutdown.stopped() {
@@ -187,7 +187,7 @@ pub fn run_verdict(shutdown: &Shutdown, input_broken: bool, failed: u64) -> RunV
 }
 
 /// The exit rule of `hark upload`: anything failed or left in the spool is not a success.
-pub fn upload_complete(failed: u64, waiting: u64) -> bool {
+pub(crate) fn upload_complete(failed: u64, waiting: u64) -> bool {
     failed == 0 && waiting == 0
 }
 

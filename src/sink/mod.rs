@@ -6,7 +6,7 @@
 
 pub mod mqtt;
 pub mod socket;
-pub mod stdout;
+pub(crate) mod stdout;
 
 use std::io;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -20,10 +20,10 @@ use crate::bus::{Dropped, SinkQueue};
 use crate::event::{EventKind, Line, Stage};
 
 /// Events waiting for one sink before new ones are dropped.
-pub const QUEUE_CAPACITY: usize = 1024;
+pub(crate) const QUEUE_CAPACITY: usize = 1024;
 
 /// A destination for event lines.
-pub trait Sink: Send + 'static {
+pub(crate) trait Sink: Send + 'static {
     /// Short name used in logs and the thread name.
     fn name(&self) -> &'static str;
     /// Deliver one line. An error stops this sink (and only this sink).
@@ -41,18 +41,18 @@ pub trait Sink: Send + 'static {
 /// How a sink reports trouble as events (`error`, stage `sink`). Sinks are built before the
 /// [`Events`] handle that feeds them exists, so the handle is set once it does.
 #[derive(Clone, Default)]
-pub struct Reporter(Arc<OnceLock<Events>>);
+pub(crate) struct Reporter(Arc<OnceLock<Events>>);
 
 impl Reporter {
-    pub fn set(&self, events: &Events) {
+    pub(crate) fn set(&self, events: &Events) {
         let _ = self.0.set(events.clone());
     }
 
-    pub fn events(&self) -> Option<&Events> {
+    pub(crate) fn events(&self) -> Option<&Events> {
         self.0.get()
     }
 
-    pub fn error(&self, code: &'static str, message: String, retrying: bool) {
+    pub(crate) fn error(&self, code: &'static str, message: String, retrying: bool) {
         if let Some(events) = self.0.get() {
             events.emit(EventKind::Error {
                 stage: Stage::Sink,
@@ -65,7 +65,7 @@ impl Reporter {
 }
 
 /// Owns a sink's thread. Dropping it (after the queue is closed) joins the thread.
-pub struct SinkHandle {
+pub(crate) struct SinkHandle {
     thread: Option<JoinHandle<()>>,
 }
 
@@ -90,11 +90,11 @@ impl Drop for SinkHandle {
 }
 
 /// Called once when a sink stops by itself (its error), not when hark closes it.
-pub type OnEnd = Box<dyn FnOnce(&'static str, io::Error) + Send>;
+pub(crate) type OnEnd = Box<dyn FnOnce(&'static str, io::Error) + Send>;
 
 /// Start a sink's thread; returns the queue to hand to [`crate::bus::Events`]. Lines its queue
 /// drops are counted in `dropped`.
-pub fn spawn(
+pub(crate) fn spawn(
     mut sink: Box<dyn Sink>,
     dropped: Dropped,
     on_end: OnEnd,

@@ -29,9 +29,9 @@ use crate::config::{MqttConfig, topic_text_ok};
 use crate::event::Line;
 use crate::url::{self, Broker};
 use link::Link;
-pub use outbox::{OFFLINE, Outbox, Topics, node_id};
+pub(crate) use outbox::{OFFLINE, Outbox, Topics};
 
-pub const NAME: &str = "mqtt";
+pub(crate) const NAME: &str = "mqtt";
 
 /// Publishes handed to rumqttc and not yet acknowledged, at most.
 const WINDOW: usize = 64;
@@ -167,7 +167,7 @@ fn pump(outbox: &mut Outbox, client: &Client, qos: QoS) {
 }
 
 /// The MQTT backend of [`Sink`].
-pub struct MqttSink {
+pub(crate) struct MqttSink {
     shared: Arc<Relay>,
     client: Client,
     dropped: Dropped,
@@ -182,7 +182,7 @@ pub struct MqttSink {
 impl MqttSink {
     /// Read the password and CA files, connect in the background. Lines the queue drops are
     /// counted in `dropped`; connection trouble is reported through `reporter`.
-    pub fn start(
+    pub(crate) fn start(
         config: &MqttConfig,
         device: &str,
         dropped: Dropped,

@@ -32,15 +32,15 @@ use crate::config::OutputConfig;
 use crate::event::{EventKind, Line};
 use crate::sys;
 
-pub const NAME: &str = "socket";
+pub(crate) const NAME: &str = "socket";
 
 /// Clients served at once; one more is closed as soon as it connects (ntpd-rs caps its observers
 /// the same way). Each client costs a thread and up to [`CLIENT_QUEUE`] queued lines.
-pub const MAX_CLIENTS: usize = 16;
+pub(crate) const MAX_CLIENTS: usize = 16;
 
 /// Lines waiting for one client (beyond what the kernel's socket buffer holds, about 200 KB)
 /// before that client is taken to have stopped reading and is disconnected.
-pub const CLIENT_QUEUE: usize = 256;
+pub(crate) const CLIENT_QUEUE: usize = 256;
 
 /// How long closing the sink waits for clients to take the lines still queued for them.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
@@ -98,7 +98,7 @@ pub enum SocketError {
 
 impl SocketError {
     /// 78 (bad config) when the config alone is wrong, 1 when the system is in the way.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             SocketError::PathTooLong { .. }
             | SocketError::BadMode(_)
@@ -109,12 +109,12 @@ impl SocketError {
 }
 
 /// Builds the `status` event a new client gets first; `None` once hark is stopping.
-pub type StatusFn = Box<dyn Fn() -> Option<EventKind> + Send + Sync>;
+pub(crate) type StatusFn = Box<dyn Fn() -> Option<EventKind> + Send + Sync>;
 
-/// The late-bound status builder. The daemon's status board needs the sinks to exist, so the
-/// daemon sets the builder once the board does; until then clients wait in the listen backlog.
+/// The late-bound status builder. The status aggregator (`health::Health`) needs the sinks to exist, so the
+/// session sets the builder once it does; until then clients wait in the listen backlog.
 #[derive(Clone, Default)]
-pub struct StatusSource(Arc<StatusInner>);
+pub(crate) struct StatusSource(Arc<StatusInner>);
 
 #[derive(Default)]
 struct StatusInner {
@@ -125,7 +125,7 @@ struct StatusInner {
 
 impl StatusSource {
     /// Set the builder (once; later calls are ignored) and let the socket accept clients.
-    pub fn set(&self, build: StatusFn) {
+    pub(crate) fn set(&self, build: StatusFn) {
         let _ = self.0.build.set(build);
         if let Some(waker) = self.0.waker.get() {
             wake(waker);
@@ -277,7 +277,7 @@ impl Clients {
 }
 
 /// The socket sink: owns the socket file, the accept thread and the clients.
-pub struct SocketSink {
+pub(crate) struct SocketSink {
     shared: Arc<Clients>,
     file: Option<SocketFile>,
     accept: Option<JoinHandle<()>>,
@@ -288,7 +288,7 @@ impl SocketSink {
     /// Make the socket at `output.socket` with `socket_mode` and `socket_group`, and start
     /// accepting clients once `status` is set. Lines lost by slow clients are counted in
     /// `dropped`, and reported through `reporter`, which also numbers each client's first line.
-    pub fn bind(
+    pub(crate) fn bind(
         output: &OutputConfig,
         status: StatusSource,
         reporter: Reporter,

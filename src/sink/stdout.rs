@@ -16,19 +16,19 @@ use crate::config::OutputFormat;
 use crate::event::Line;
 use crate::sys;
 
-pub const NAME: &str = "stdout";
+pub(crate) const NAME: &str = "stdout";
 
 /// How often an idle sink checks that a pipe's reader is still there.
-pub const READER_CHECK: Duration = Duration::from_secs(1);
+pub(crate) const READER_CHECK: Duration = Duration::from_secs(1);
 
-pub struct StdoutSink {
+pub(crate) struct StdoutSink {
     format: OutputFormat,
     /// stdout is a pipe or a socket, whose reader can go away.
     watch: bool,
 }
 
 impl StdoutSink {
-    pub fn new(format: OutputFormat) -> StdoutSink {
+    pub(crate) fn new(format: OutputFormat) -> StdoutSink {
         StdoutSink {
             format,
             watch: has_reader(),

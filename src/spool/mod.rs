@@ -33,53 +33,53 @@ pub enum SpoolError {
 
 /// What `<id>.json` says about an utterance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UtteranceMeta {
-    pub v: u8,
-    pub utterance: String,
-    pub device: String,
+pub(crate) struct UtteranceMeta {
+    pub(crate) v: u8,
+    pub(crate) utterance: String,
+    pub(crate) device: String,
     /// Start in the stream's timeline.
-    pub offset_ms: u64,
-    pub duration_ms: u64,
+    pub(crate) offset_ms: u64,
+    pub(crate) duration_ms: u64,
     /// Samples at `sample_rate`: exactly what the Ogg file decodes to.
-    pub samples: u64,
-    pub sample_rate: u32,
+    pub(crate) samples: u64,
+    pub(crate) sample_rate: u32,
     /// Wall-clock time of the first sample, RFC 3339 UTC.
-    pub start_time: String,
-    pub reason: EndReason,
+    pub(crate) start_time: String,
+    pub(crate) reason: EndReason,
     /// From the first voiced frame to the end of the last one.
-    pub speech_ms: u64,
+    pub(crate) speech_ms: u64,
     /// Where the first voiced frame starts, in the stream's timeline (after the pre-roll).
     /// Missing in files written before it existed: read as 0.
     #[serde(default)]
-    pub speech_offset_ms: u64,
+    pub(crate) speech_offset_ms: u64,
     /// RMS level of the voiced frames.
-    pub level_dbfs: f64,
+    pub(crate) level_dbfs: f64,
     /// Where the audio came from, e.g. `alsa:default` or `file:recording.wav`.
-    pub source: String,
+    pub(crate) source: String,
     /// The Ogg file's name in the spool directory.
-    pub audio: String,
+    pub(crate) audio: String,
 }
 
 /// A finished utterance waiting in the spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub id: String,
-    pub audio: PathBuf,
-    pub meta: PathBuf,
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) audio: PathBuf,
+    pub(crate) meta: PathBuf,
     /// Both files together.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// An utterance's audio being written.
-pub struct Part {
-    pub id: String,
+pub(crate) struct Part {
+    pub(crate) id: String,
     path: PathBuf,
     file: BufWriter<File>,
 }
 
 impl Part {
     /// Where the audio is being written.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -93,7 +93,7 @@ impl Write for Part {
     }
 }
 
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     seq: AtomicU32,
@@ -109,7 +109,7 @@ const PART: &str = ".part";
 
 impl Spool {
     /// Open (and create) the spool directory; move part files left by a crash to `partial/`.
-    pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         let dir_err = |source| SpoolError::Dir {
             path: dir.to_owned(),
             source,
@@ -151,13 +151,13 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// A new utterance id: the UTC time to the millisecond, then a per-process counter and a
     /// random salt, e.g. `20261122T013455123Z-0001a3f9`. Sorts by time; unique across restarts.
-    pub fn new_id(&self, at: SystemTime) -> String {
+    pub(crate) fn new_id(&self, at: SystemTime) -> String {
         let stamp: String = humantime::format_rfc3339_millis(at)
             .to_string()
             .chars()
@@ -168,7 +168,7 @@ impl Spool {
     }
 
     /// Start writing an utterance's audio.
-    pub fn begin(&self, id: &str) -> Result<Part, SpoolError> {
+    pub(crate) fn begin(&self, id: &str) -> Result<Part, SpoolError> {
         let path = self.dir.join(format!(".{id}.ogg{PART}"));
         let file = File::create(&path).map_err(|source| SpoolError::File {
             path: path.clone(),
@@ -183,7 +183,7 @@ impl Spool {
 
     /// Make a finished utterance durable: fsync and rename its audio, write its metadata the same
     /// way, fsync the directory. Returns the entry.
-    pub fn commit(&self, part: Part, meta: &UtteranceMeta) -> Result<Entry, SpoolError> {
+    pub(crate) fn commit(&self, part: Part, meta: &UtteranceMeta) -> Result<Entry, SpoolError> {
         let audio = self.dir.join(format!("{}.ogg", part.id));
         let file_err = |path: &Path| {
             let path = path.to_owned();
@@ -219,14 +219,14 @@ impl Spool {
     }
 
     /// Throw away an utterance being written (it was dropped).
-    pub fn discard(&self, part: Part) {
+    pub(crate) fn discard(&self, part: Part) {
         let Part { path, file, .. } = part;
         drop(file);
         self.abandon(&path);
     }
 
     /// Remove a part file whose writer failed (disk full): it would never become an utterance.
-    pub fn abandon(&self, path: &Path) {
+    pub(crate) fn abandon(&self, path: &Path) {
         if let Err(e) = fs::remove_file(path)
             && e.kind() != io::ErrorKind::NotFound
         {
@@ -235,7 +235,7 @@ impl Spool {
     }
 
     /// Every finished utterance, oldest first.
-    pub fn entries(&self) -> Result<Vec<Entry>, SpoolError> {
+    pub(crate) fn entries(&self) -> Result<Vec<Entry>, SpoolError> {
         let mut out = Vec::new();
         let dir = fs::read_dir(&self.dir).map_err(|source| SpoolError::Dir {
             path: self.dir.clone(),
@@ -264,7 +264,7 @@ impl Spool {
     }
 
     /// Utterances waiting and their bytes.
-    pub fn usage(&self) -> (u64, u64) {
+    pub(crate) fn usage(&self) -> (u64, u64) {
         *self.usage.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -275,7 +275,7 @@ impl Spool {
     }
 
     /// Delete an utterance (metadata first: without it the audio is no longer an utterance).
-    pub fn remove(&self, entry: &Entry) -> Result<(), SpoolError> {
+    pub(crate) fn remove(&self, entry: &Entry) -> Result<(), SpoolError> {
         fs::remove_file(&entry.meta).map_err(|source| SpoolError::File {
             path: entry.meta.clone(),
             source,
@@ -289,7 +289,7 @@ impl Spool {
 
     /// Move an utterance out of the queue into the subdirectory `sub` (`failed`, `done`).
     /// Returns the audio's new path.
-    pub fn move_to(&self, entry: &Entry, sub: &str) -> Result<PathBuf, SpoolError> {
+    pub(crate) fn move_to(&self, entry: &Entry, sub: &str) -> Result<PathBuf, SpoolError> {
         let dir = self.dir.join(sub);
         fs::create_dir_all(&dir).map_err(|source| SpoolError::Dir {
             path: dir.clone(),
@@ -330,7 +330,7 @@ impl Spool {
 
     /// Delete the oldest utterances until the spool fits `max_bytes`; returns what was deleted.
     /// Scans the directory only when the running total is over the cap.
-    pub fn enforce_cap(&self) -> Vec<UtteranceMeta> {
+    pub(crate) fn enforce_cap(&self) -> Vec<UtteranceMeta> {
         if self.usage().1 <= self.max_bytes {
             return Vec::new();
         }
@@ -393,7 +393,7 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
 }
 
 /// Read an utterance's metadata.
-pub fn read_meta(path: &Path) -> Result<UtteranceMeta, SpoolError> {
+pub(crate) fn read_meta(path: &Path) -> Result<UtteranceMeta, SpoolError> {
     let file_err = |source| SpoolError::File {
         path: path.to_owned(),
         source,
@@ -407,7 +407,7 @@ fn file_len(path: &Path) -> u64 {
 }
 
 /// A random 32-bit value from the standard library's per-process hash seed.
-pub fn random_u32() -> u32 {
+pub(crate) fn random_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -21,10 +21,10 @@ use crate::url;
 
 /// An API key. Never printed.
 #[derive(Clone)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
-    pub fn new(key: String) -> Secret {
+    pub(crate) fn new(key: String) -> Secret {
         Secret(key)
     }
     fn expose(&self) -> &str {
@@ -40,7 +40,7 @@ impl fmt::Debug for Secret {
 
 /// How an endpoint wants its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// `Authorization: Bearer KEY` (OpenAI, Groq, speaches, vLLM, LocalAI).
     Bearer,
     /// `api-key: KEY` (Azure OpenAI).
@@ -49,12 +49,12 @@ pub enum Auth {
 
 /// One transcription endpoint.
 #[derive(Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// The full request URL: base + `/audio/transcriptions`, query kept.
-    pub url: String,
+    pub(crate) url: String,
     /// The base URL as configured, with any userinfo replaced by `***`: safe for events.
-    pub shown: String,
-    pub model: String,
+    pub(crate) shown: String,
+    pub(crate) model: String,
     key: Option<Secret>,
     auth: Auth,
     /// Set once the endpoint has rejected Ogg/Opus: it gets WAV from then on.
@@ -62,7 +62,7 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(base: &str, model: String, key: Option<Secret>) -> Endpoint {
+    pub(crate) fn new(base: &str, model: String, key: Option<Secret>) -> Endpoint {
         let parts = url::split(base);
         let path = parts.path.trim_end_matches('/');
         // A base that already names the route (whisper.cpp's `/inference`) is used as it is.
@@ -91,25 +91,21 @@ impl Endpoint {
         }
     }
 
-    pub fn has_key(&self) -> bool {
+    pub(crate) fn has_key(&self) -> bool {
         self.key.is_some()
     }
 
-    pub fn auth(&self) -> Auth {
-        self.auth
-    }
-
     /// Whether this endpoint gets WAV instead of Ogg/Opus.
-    pub fn wants_wav(&self) -> bool {
+    pub(crate) fn wants_wav(&self) -> bool {
         self.wav.load(Ordering::Relaxed)
     }
 
-    pub fn remember_wav(&self) {
+    pub(crate) fn remember_wav(&self) {
         self.wav.store(true, Ordering::Relaxed);
     }
 
     /// `text` with this endpoint's key (if a server echoed it) replaced by `***`.
-    pub fn scrub(&self, text: &str) -> String {
+    pub(crate) fn scrub(&self, text: &str) -> String {
         match &self.key {
             Some(k) if !k.expose().is_empty() => text.replace(k.expose(), "***"),
             _ => text.to_owned(),
@@ -132,15 +128,15 @@ pub enum TlsSetupError {
 }
 
 /// The audio of one attempt.
-pub struct Upload<'a> {
-    pub id: &'a str,
-    pub bytes: &'a [u8],
-    pub wav: bool,
+pub(crate) struct Upload<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) bytes: &'a [u8],
+    pub(crate) wav: bool,
 }
 
 /// What one attempt ended with when it did not give a transcript.
 #[derive(Debug, Clone)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The server answered with an error status; what it means is the upload policy's to say.
     Status {
         status: u16,
@@ -154,7 +150,7 @@ pub enum Failure {
 
 impl Failure {
     /// A short machine-readable code for `error` events.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             Failure::Status { status, error, .. } => match (status, error.code.as_deref()) {
                 (400, Some("audio_too_short")) => "audio_too_short",
@@ -194,21 +190,21 @@ impl fmt::Display for Failure {
 
 /// The request fields other than `file` and `model`, in SDK encoding.
 #[derive(Debug, Clone, Default)]
-pub struct Fields {
-    pub parts: Vec<(String, String)>,
-    pub format: Option<ResponseFormat>,
-    pub stream: bool,
+pub(crate) struct Fields {
+    pub(crate) parts: Vec<(String, String)>,
+    pub(crate) format: Option<ResponseFormat>,
+    pub(crate) stream: bool,
 }
 
 /// A blocking HTTPS client shared by every endpoint.
-pub struct Client {
+pub(crate) struct Client {
     agent: ureq::Agent,
     timeout: Duration,
 }
 
 impl Client {
     /// Trust Mozilla's roots (webpki) and the system store, plus `ca_file` when given.
-    pub fn new(
+    pub(crate) fn new(
         connect_timeout: Duration,
         timeout: Duration,
         ca_file: Option<&Path>,
@@ -242,7 +238,7 @@ impl Client {
     }
 
     /// One POST. `deadline` shortens the timeout (shutdown); `on_delta` gets streamed text.
-    pub fn transcribe(
+    pub(crate) fn transcribe(
         &self,
         ep: &Endpoint,
         fields: &Fields,
@@ -441,7 +437,7 @@ mod tests {
     fn the_route_is_appended_before_the_query() {
         let ep = Endpoint::new("https://api.openai.com/v1", "m".into(), None);
         assert_eq!(ep.url, "https://api.openai.com/v1/audio/transcriptions");
-        assert_eq!(ep.auth(), Auth::Bearer);
+        assert_eq!(ep.auth, Auth::Bearer);
         let azure = Endpoint::new(
             "https://res.openai.azure.com/openai/deployments/whisper?api-version=2024-06-01",
             "whisper".into(),
@@ -451,7 +447,7 @@ mod tests {
             azure.url,
             "https://res.openai.azure.com/openai/deployments/whisper/audio/transcriptions?api-version=2024-06-01"
         );
-        assert_eq!(azure.auth(), Auth::ApiKey);
+        assert_eq!(azure.auth, Auth::ApiKey);
         let wcpp = Endpoint::new("http://10.0.0.5:8080/inference", "m".into(), None);
         assert_eq!(wcpp.url, "http://10.0.0.5:8080/inference");
         let slash = Endpoint::new("http://h:8000/v1/", "m".into(), None);
@@ -462,7 +458,7 @@ mod tests {
         assert_eq!(login.url, "https://u:pw@h/v1/audio/transcriptions?v=1");
         assert_eq!(login.shown, "https://***@h/v1/?v=1#top");
         let cognitive = Endpoint::new("https://R.CognitiveServices.Azure.com/x", "m".into(), None);
-        assert_eq!(cognitive.auth(), Auth::ApiKey);
+        assert_eq!(cognitive.auth, Auth::ApiKey);
     }
 
     #[test]

@@ -13,16 +13,16 @@
 
 pub mod client;
 mod cues;
-pub mod multipart;
-pub mod policy;
+pub(crate) mod multipart;
+pub(crate) mod policy;
 mod queue;
-pub mod response;
-pub mod retry;
-pub mod sse;
+pub(crate) mod response;
+pub(crate) mod retry;
+pub(crate) mod sse;
 mod uploader;
 mod worker;
 
-pub use uploader::Uploader;
+pub(crate) use uploader::Uploader;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +36,7 @@ use crate::spool::{self, Entry};
 use client::{Client, Endpoint, Fields, Secret};
 
 /// Utterances shorter than this are never sent: every API answers 400 `audio_too_short`.
-pub const MIN_DURATION_MS: u64 = 100;
+pub(crate) const MIN_DURATION_MS: u64 = 100;
 
 /// The default `api_key_env`, whose key is sent to [`OPENAI_HOST`] only.
 const OPENAI_KEY_ENV: &str = "OPENAI_API_KEY";
@@ -81,7 +81,7 @@ pub enum SetupError {
 
 /// Why the upload thread could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
     #[error("cannot start the upload thread: {0}")]
@@ -89,16 +89,16 @@ pub enum StartError {
 }
 
 /// Everything the upload thread needs, built from `[transcribe]` before any thread starts.
-pub struct Setup {
-    pub client: Client,
-    pub endpoints: Vec<Endpoint>,
-    pub fields: Fields,
+pub(crate) struct Setup {
+    pub(crate) client: Client,
+    pub(crate) endpoints: Vec<Endpoint>,
+    pub(crate) fields: Fields,
 }
 
 impl Setup {
     /// Resolve keys, check where they may be sent, load trust roots and speaker references.
     /// `Ok(None)`: the primary endpoint needs a key and there is none (hark records only).
-    pub fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
+    pub(crate) fn from_config(t: &TranscribeConfig) -> Result<Option<Setup>, SetupError> {
         // An OpenAI key goes to OpenAI only: a LAN server named as the endpoint must not get
         // it just because `api_key_env` kept its default.
         let host = crate::url::host_of(&t.endpoint).to_ascii_lowercase();
@@ -163,7 +163,7 @@ impl Setup {
 }
 
 /// The message for a user who has no key: how to turn transcription on.
-pub fn no_key_hint(t: &TranscribeConfig) -> String {
+pub(crate) fn no_key_hint(t: &TranscribeConfig) -> String {
     format!(
         "transcription is off: no API key for {}. Set {} (transcribe.api_key_env) or transcribe.api_key_file, \
          or point transcribe.endpoint at a local server; utterances stay in the spool until then",
@@ -341,7 +341,7 @@ fn format_name(f: ResponseFormat) -> &'static str {
 
 /// What to do when every endpoint is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Patience {
+pub(crate) enum Patience {
     /// Keep trying with a capped backoff (the daemon).
     Forever,
     /// Stop and leave the rest in the spool (`hark upload`).
@@ -351,15 +351,15 @@ pub enum Patience {
 /// What the upload threads did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
-    pub transcribed: u64,
-    pub failed: u64,
+    pub(crate) transcribed: u64,
+    pub(crate) failed: u64,
     /// Still in the spool when the threads ended.
-    pub waiting: u64,
+    pub(crate) waiting: u64,
 }
 
 /// How one utterance ended, for a caller that keeps its own record (`hark transcribe`).
 #[derive(Debug, Clone)]
-pub enum Finished {
+pub(crate) enum Finished {
     /// Transcribed; its `transcript` event was handed to the sinks.
     Transcribed {
         utterance: String,
@@ -379,7 +379,7 @@ pub enum Finished {
 
 /// Hands new utterances to whoever uploads them. Cheap to clone.
 #[derive(Clone)]
-pub struct Submitter(Arc<dyn Fn(Entry, Instant) + Send + Sync>);
+pub(crate) struct Submitter(Arc<dyn Fn(Entry, Instant) + Send + Sync>);
 
 impl std::fmt::Debug for Submitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -389,30 +389,30 @@ impl std::fmt::Debug for Submitter {
 
 impl Submitter {
     /// A submitter that calls `f` with each utterance (a caller that queues them itself).
-    pub fn new(f: impl Fn(Entry, Instant) + Send + Sync + 'static) -> Submitter {
+    pub(crate) fn new(f: impl Fn(Entry, Instant) + Send + Sync + 'static) -> Submitter {
         Submitter(Arc::new(f))
     }
 
     /// Queue an utterance whose `speech_end` was emitted at `ended`.
-    pub fn submit(&self, entry: Entry, ended: Instant) {
+    pub(crate) fn submit(&self, entry: Entry, ended: Instant) {
         (self.0)(entry, ended)
     }
 }
 
 /// Called with `true` when every endpoint has failed and with `false` when one answers again.
-pub type OnState = Arc<dyn Fn(bool) + Send + Sync>;
+pub(crate) type OnState = Arc<dyn Fn(bool) + Send + Sync>;
 /// Called by the upload thread with each utterance it finished.
-pub type OnResult = Arc<dyn Fn(Finished) + Send + Sync>;
+pub(crate) type OnResult = Arc<dyn Fn(Finished) + Send + Sync>;
 
 /// How the upload threads behave.
-pub struct Options {
-    pub patience: Patience,
+pub(crate) struct Options {
+    pub(crate) patience: Patience,
     /// Move transcribed audio to `done/` instead of deleting it.
-    pub keep_audio: bool,
+    pub(crate) keep_audio: bool,
     /// Uploads at a time. The daemon uses 1, so that transcripts come in speech order.
-    pub workers: usize,
-    pub on_state: OnState,
-    pub on_result: Option<OnResult>,
+    pub(crate) workers: usize,
+    pub(crate) on_state: OnState,
+    pub(crate) on_result: Option<OnResult>,
 }
 
 /// An utterance's audio: the Ogg file, and the WAV made from it once an endpoint asked for it.

@@ -5,7 +5,7 @@
 //! kilobytes), and names and filenames are hark's own, so only quotes and line breaks need escaping.
 
 /// A form being built.
-pub struct Form {
+pub(crate) struct Form {
     boundary: String,
     body: Vec<u8>,
 }
@@ -17,7 +17,7 @@ impl Default for Form {
 }
 
 impl Form {
-    pub fn new() -> Form {
+    pub(crate) fn new() -> Form {
         let r = crate::spool::random_u32() as u64;
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -30,14 +30,14 @@ impl Form {
     }
 
     /// A text field.
-    pub fn text(&mut self, name: &str, value: &str) {
+    pub(crate) fn text(&mut self, name: &str, value: &str) {
         self.head(name, None, None);
         self.body.extend_from_slice(value.as_bytes());
         self.body.extend_from_slice(b"\r\n");
     }
 
     /// A file field.
-    pub fn file(&mut self, name: &str, filename: &str, media_type: &str, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, filename: &str, media_type: &str, data: &[u8]) {
         self.head(name, Some(filename), Some(media_type));
         self.body.extend_from_slice(data);
         self.body.extend_from_slice(b"\r\n");
@@ -61,7 +61,7 @@ impl Form {
     }
 
     /// The `Content-Type` header value and the body.
-    pub fn finish(mut self) -> (String, Vec<u8>) {
+    pub(crate) fn finish(mut self) -> (String, Vec<u8>) {
         self.body
             .extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
         (

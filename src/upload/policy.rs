@@ -28,7 +28,7 @@ use crate::backoff;
 /// Which endpoints take WAV only: learnt from a rejection of Ogg/Opus, kept for every later
 /// utterance and context by the upload threads (the upload settings hold it, so a reload
 /// forgets it with the endpoints it was about).
-pub trait Formats {
+pub(crate) trait Formats {
     /// Whether endpoint `endpoint` gets WAV instead of Ogg/Opus.
     fn wants_wav(&self, endpoint: usize) -> bool;
     /// Endpoint `endpoint` rejected Ogg/Opus: WAV for it from now on.
@@ -38,12 +38,12 @@ pub trait Formats {
 /// Whether every endpoint is down. One flag for all the upload threads, so that an outage is
 /// reported once when it begins and once when it ends, whichever thread saw it.
 #[derive(Debug, Default)]
-pub struct Outage {
+pub(crate) struct Outage {
     down: AtomicBool,
 }
 
 impl Outage {
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
     }
 
@@ -60,21 +60,21 @@ impl Outage {
 
 /// What the upload threads share, handed to each step.
 #[derive(Clone, Copy)]
-pub struct Context<'a> {
-    pub formats: &'a dyn Formats,
-    pub outage: &'a Outage,
+pub(crate) struct Context<'a> {
+    pub(crate) formats: &'a dyn Formats,
+    pub(crate) outage: &'a Outage,
 }
 
 /// The moment of a step, as the caller read it.
 #[derive(Debug, Clone, Copy)]
-pub struct Now {
-    pub at: Instant,
+pub(crate) struct Now {
+    pub(crate) at: Instant,
     /// Wall-clock time, for a `Retry-After` given as an HTTP date.
-    pub wall: SystemTime,
+    pub(crate) wall: SystemTime,
     /// When a stop was asked for, the instant after which nothing is posted.
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
     /// A number in 0..1 for the backoff's jitter.
-    pub jitter: f64,
+    pub(crate) jitter: f64,
 }
 
 impl Now {
@@ -85,7 +85,7 @@ impl Now {
 
 /// How a POST ended when it gave no transcript, or why it could not be made.
 #[derive(Debug, Clone, Copy)]
-pub enum Outcome<'a> {
+pub(crate) enum Outcome<'a> {
     /// The server answered with an error status; `code` and `message` come from the error body.
     Status {
         status: u16,
@@ -104,14 +104,14 @@ pub enum Outcome<'a> {
 
 /// How a failure is told: the `error` event's code and a line naming the endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reason {
-    pub code: &'static str,
-    pub text: String,
+pub(crate) struct Reason {
+    pub(crate) code: &'static str,
+    pub(crate) text: String,
 }
 
 /// What to do next with the utterance.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Post the audio to endpoint `endpoint` (an index into the endpoints of this round), as WAV
     /// or as Ogg/Opus; then [`Attempt::answered`] or [`Attempt::failed`].
     Post { endpoint: usize, wav: bool },
@@ -137,7 +137,7 @@ pub enum Decision {
 
 /// What to tell about the failure just handed to [`Attempt::failed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Note {
+pub(crate) enum Note {
     /// The endpoint does not take Ogg/Opus: it gets WAV from now on.
     Wav,
     /// Worth another attempt (or the next endpoint, once the retries are spent). `attempt`
@@ -154,23 +154,23 @@ pub enum Note {
 
 /// The result of [`Attempt::failed`].
 #[derive(Debug, Clone, PartialEq)]
-pub struct Step {
-    pub note: Note,
-    pub next: Decision,
+pub(crate) struct Step {
+    pub(crate) note: Note,
+    pub(crate) next: Decision,
 }
 
 /// A transcript came: hand it to the sinks, then let go of the audio, and call
 /// [`Attempt::delivered`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub endpoint: usize,
+pub(crate) struct Delivery {
+    pub(crate) endpoint: usize,
     /// Every POST of this utterance, this one included.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
 }
 
 /// Where one utterance stands, from its first POST to its end.
 #[derive(Debug)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     patience: Patience,
     /// How many endpoints this round has.
     endpoints: usize,
@@ -191,7 +191,7 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    pub fn new(patience: Patience) -> Attempt {
+    pub(crate) fn new(patience: Patience) -> Attempt {
         Attempt {
             patience,
             endpoints: 0,
@@ -208,7 +208,7 @@ impl Attempt {
     /// Try every endpoint in order, the primary first: the first step of an utterance, and the
     /// one after [`Decision::Park`]. `endpoints` is how many the settings now in effect have (a
     /// reload between rounds may change them).
-    pub fn round(&mut self, endpoints: usize, context: Context<'_>, now: &Now) -> Decision {
+    pub(crate) fn round(&mut self, endpoints: usize, context: Context<'_>, now: &Now) -> Decision {
         self.endpoints = endpoints;
         self.endpoint = 0;
         self.retry = 0;
@@ -218,12 +218,12 @@ impl Attempt {
     }
 
     /// The wait of [`Decision::Retry`] is over: the same endpoint again.
-    pub fn resume(&mut self, context: Context<'_>, now: &Now) -> Decision {
+    pub(crate) fn resume(&mut self, context: Context<'_>, now: &Now) -> Decision {
         self.next(context, now)
     }
 
     /// The POST gave a transcript.
-    pub fn answered(&mut self) -> Delivery {
+    pub(crate) fn answered(&mut self) -> Delivery {
         self.posts = self.posts.saturating_add(1);
         Delivery {
             endpoint: self.endpoint,
@@ -232,13 +232,13 @@ impl Attempt {
     }
 
     /// The transcript was handed to the sinks. `true`: that ends an outage (report it once).
-    pub fn delivered(&self, context: Context<'_>) -> bool {
+    pub(crate) fn delivered(&self, context: Context<'_>) -> bool {
         context.outage.came_up()
     }
 
     /// The POST failed (or could not be made): what to tell, and what next. `reason` is how
     /// this failure is told, kept in case it is the one the utterance ends with.
-    pub fn failed(
+    pub(crate) fn failed(
         &mut self,
         outcome: Outcome<'_>,
         reason: Reason,

@@ -19,39 +19,39 @@ use std::borrow::Cow;
 
 /// A transcription result, whatever format it arrived in.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct Transcript {
-    pub text: String,
+pub(crate) struct Transcript {
+    pub(crate) text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
+    pub(crate) language: Option<String>,
     #[serde(skip)]
-    pub duration_s: Option<f64>,
+    pub(crate) duration_s: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub segments: Vec<Segment>,
+    pub(crate) segments: Vec<Segment>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub words: Vec<Word>,
+    pub(crate) words: Vec<Word>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<serde_json::Value>,
+    pub(crate) usage: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub logprobs: Option<serde_json::Value>,
+    pub(crate) logprobs: Option<serde_json::Value>,
 }
 
 /// An error body from any of the servers, reduced to what hark needs.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ApiError {
-    pub message: String,
-    pub code: Option<String>,
+pub(crate) struct ApiError {
+    pub(crate) message: String,
+    pub(crate) code: Option<String>,
     /// The `type` field.
-    pub kind: Option<String>,
-    pub param: Option<String>,
+    pub(crate) kind: Option<String>,
+    pub(crate) param: Option<String>,
 }
 
 /// A 2xx body that is not a usable transcript; the string names what is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{0}")]
-pub struct BadBody(pub String);
+pub(crate) struct BadBody(pub String);
 
 /// Largest body hark reads (the caller enforces it while reading).
-pub const MAX_BODY: u64 = 4 << 20;
+pub(crate) const MAX_BODY: u64 = 4 << 20;
 
 /// Cap on a message taken from a non-JSON (e.g. proxy HTML) error body, in characters.
 const TEXT_MESSAGE_CAP: usize = 300;
@@ -73,7 +73,7 @@ enum BodyKind {
 /// with `crate::upload::sse::Stream`. `requested` only says how to read a text body:
 /// `Srt`/`Vtt` → cues become segments and the text is the cue texts joined by a space; anything
 /// else → the trimmed body.
-pub fn parse_body(
+pub(crate) fn parse_body(
     content_type: Option<&str>,
     requested: ResponseFormat,
     body: &[u8],
@@ -106,7 +106,7 @@ pub fn parse_body(
 
 /// Parse an error body (any status >= 400) from any of the known servers, or a non-JSON body.
 /// Never fails, never panics; the message is never empty.
-pub fn parse_error(body: &[u8]) -> ApiError {
+pub(crate) fn parse_error(body: &[u8]) -> ApiError {
     let text = decode(body);
     let trimmed = text.trim();
     if trimmed.is_empty() {

@@ -10,11 +10,11 @@
 use std::time::{Duration, SystemTime};
 
 /// Retries per endpoint after the first attempt (the SDKs' `max_retries` default).
-pub const MAX_RETRIES: u32 = 2;
+pub(crate) const MAX_RETRIES: u32 = 2;
 
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Worth another attempt; the server may have said how long to wait.
     Retry { after: Option<Duration> },
     /// This endpoint will not take this audio as it is (bad key, too large, too short, ...).
@@ -28,14 +28,14 @@ pub enum Verdict {
 
 /// The headers of a failed response that the policy reads, as the server sent them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RetryHeaders {
-    pub should_retry: Option<String>,
-    pub retry_after_ms: Option<String>,
-    pub retry_after: Option<String>,
+pub(crate) struct RetryHeaders {
+    pub(crate) should_retry: Option<String>,
+    pub(crate) retry_after_ms: Option<String>,
+    pub(crate) retry_after: Option<String>,
 }
 
 /// Classify an HTTP error status. `code` and `message` come from the error body.
-pub fn classify_status(
+pub(crate) fn classify_status(
     status: u16,
     headers: &RetryHeaders,
     code: Option<&str>,
@@ -69,7 +69,7 @@ pub fn classify_status(
 /// Whether a 4xx says that the file's format, not its content, is the problem: OpenAI's
 /// "Invalid file format" and "Unrecognized file format", 415, and the messages of servers that
 /// read WAV only (whisper.cpp's server without `--convert`).
-pub fn rejects_format(status: u16, code: Option<&str>, message: &str) -> bool {
+pub(crate) fn rejects_format(status: u16, code: Option<&str>, message: &str) -> bool {
     if status == 415 {
         return true;
     }
@@ -98,7 +98,7 @@ pub fn rejects_format(status: u16, code: Option<&str>, message: &str) -> bool {
 
 /// The server's requested delay: `retry-after-ms`, else `retry-after` in seconds or as an HTTP
 /// date, used only when it is more than 0 and at most 120 s (as the SDKs do).
-pub fn server_delay(headers: &RetryHeaders, now: SystemTime) -> Option<Duration> {
+pub(crate) fn server_delay(headers: &RetryHeaders, now: SystemTime) -> Option<Duration> {
     let ms = headers
         .retry_after_ms
         .as_deref()

@@ -22,7 +22,7 @@ const MAX_EVENT_BYTES: usize = 1 << 20;
 
 /// Incremental text/event-stream reader for streaming transcription (`stream=true`).
 #[derive(Debug, Default)]
-pub struct Stream {
+pub(crate) struct Stream {
     /// Bytes of the line being read (raw, so a UTF-8 sequence may be split across feeds).
     line: Vec<u8>,
     /// The last line ended with `\r`: a `\n` right after it belongs to the same line end.
@@ -50,7 +50,7 @@ pub struct Stream {
 
 /// Why a stream did not yield a transcript.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum StreamError {
+pub(crate) enum StreamError {
     /// The server sent an error in the stream.
     #[error("{}", .0.message)]
     Api(ApiError),
@@ -60,13 +60,13 @@ pub enum StreamError {
 }
 
 impl Stream {
-    pub fn new() -> Stream {
+    pub(crate) fn new() -> Stream {
         Stream::default()
     }
 
     /// Feed the next bytes as they arrive (any split, even mid-UTF-8 or mid-line); calls
     /// `on_delta` for each text delta in order. After an error, every later call returns it.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         bytes: &[u8],
         on_delta: &mut dyn FnMut(&str),
@@ -85,7 +85,7 @@ impl Stream {
     ///
     /// An event still open (no trailing blank line) is dispatched first; a delta in it goes into
     /// the transcript but is not reported through `on_delta`.
-    pub fn finish(mut self) -> Result<Transcript, StreamError> {
+    pub(crate) fn finish(mut self) -> Result<Transcript, StreamError> {
         if let Some(err) = self.failed.take() {
             return Err(err);
         }

@@ -14,7 +14,7 @@ use crate::bus::Events;
 use crate::spool::Spool;
 
 /// Owns the upload threads.
-pub struct Uploader {
+pub(crate) struct Uploader {
     queue: Arc<Queue>,
     threads: Vec<JoinHandle<Report>>,
 }
@@ -22,7 +22,7 @@ pub struct Uploader {
 impl Uploader {
     /// Queue what waits in the spool now (oldest first), then start `options.workers` threads.
     /// `done` receives one message when the last thread ends.
-    pub fn start<T: Send + 'static>(
+    pub(crate) fn start<T: Send + 'static>(
         setup: Setup,
         spool: Arc<Spool>,
         events: Events,
@@ -75,7 +75,7 @@ impl Uploader {
         Ok(uploader)
     }
 
-    pub fn submitter(&self) -> Submitter {
+    pub(crate) fn submitter(&self) -> Submitter {
         let queue = self.queue.clone();
         Submitter::new(move |entry, ended| {
             queue.push(Job {
@@ -87,22 +87,22 @@ impl Uploader {
 
     /// No more utterances will come: the threads end when the queue is empty (or, with
     /// [`Patience::GiveUp`](super::Patience::GiveUp), when every endpoint is down).
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.queue.finish();
     }
 
     /// New settings from a reloaded config, used from the next utterance on.
-    pub fn reconfigure(&self, setup: Setup) {
+    pub(crate) fn reconfigure(&self, setup: Setup) {
         self.queue.reconfigure(setup);
     }
 
     /// Keep going until `deadline`, then abandon what is left (it stays in the spool).
-    pub fn stop(&self, deadline: Instant) {
+    pub(crate) fn stop(&self, deadline: Instant) {
         self.queue.stop(deadline);
     }
 
     /// Join the threads; call after the `done` message arrived (else this blocks until they end).
-    pub fn join(mut self) -> Report {
+    pub(crate) fn join(mut self) -> Report {
         let mut report = Report::default();
         for t in std::mem::take(&mut self.threads) {
             let r = t.join().unwrap_or_default();
@@ -124,7 +124,7 @@ impl Uploader {
     }
 
     /// Give up on the threads without joining them (an upload in flight past the stop deadline).
-    pub fn detach(mut self) {
+    pub(crate) fn detach(mut self) {
         self.threads.clear();
     }
 }

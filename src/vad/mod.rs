@@ -2,7 +2,7 @@
 //!
 //! The WebRTC VAD holds a raw C pointer and is not `Send`: build it on the thread that uses it.
 
-pub mod segmenter;
+pub(crate) mod segmenter;
 
 use webrtc_vad::{SampleRate, VadMode};
 

@@ -19,19 +19,19 @@ use crate::event::{DropReason, EndReason};
 
 /// Segmenter settings in samples. Built from `[vad]` by [`Settings::from_ms`].
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Settings {
-    pub frame: u64,
-    pub start_frames: u64,
-    pub silence_frames: u64,
-    pub pre_roll_frames: u64,
-    pub min_speech: u64,
-    pub max: u64,
-    pub min_level_dbfs: f64,
+pub(crate) struct Settings {
+    pub(crate) frame: u64,
+    pub(crate) start_frames: u64,
+    pub(crate) silence_frames: u64,
+    pub(crate) pre_roll_frames: u64,
+    pub(crate) min_speech: u64,
+    pub(crate) max: u64,
+    pub(crate) min_level_dbfs: f64,
 }
 
 impl Settings {
     /// Convert milliseconds at 16 kHz into frame counts and samples.
-    pub fn from_ms(
+    pub(crate) fn from_ms(
         frame_ms: u32,
         start_ms: u32,
         silence_ms: u32,
@@ -55,38 +55,38 @@ impl Settings {
     }
 
     /// Frames of history the caller must keep to honour an `Open`: pre-roll plus the opening run.
-    pub fn history_frames(&self) -> u64 {
+    pub(crate) fn history_frames(&self) -> u64 {
         self.pre_roll_frames + self.start_frames
     }
 }
 
 /// A finished utterance.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Closed {
-    pub start: u64,
+pub(crate) struct Closed {
+    pub(crate) start: u64,
     /// Exclusive end position.
-    pub end: u64,
-    pub reason: EndReason,
+    pub(crate) end: u64,
+    pub(crate) reason: EndReason,
     /// Samples from the first voiced frame to the end of the last one.
-    pub speech: u64,
+    pub(crate) speech: u64,
     /// Stream position of the first voiced frame (`start` when none was voiced).
-    pub speech_start: u64,
+    pub(crate) speech_start: u64,
     /// RMS level of the voiced frames, dBFS.
-    pub level_dbfs: f64,
+    pub(crate) level_dbfs: f64,
     /// Why it should not be kept, if so.
-    pub drop: Option<DropReason>,
+    pub(crate) drop: Option<DropReason>,
 }
 
 /// What to do with the frame just given, in this order: append, close, open.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Step {
+pub(crate) struct Step {
     /// Append this frame to the open utterance.
-    pub append: bool,
+    pub(crate) append: bool,
     /// Then close the open utterance.
-    pub close: Option<Closed>,
+    pub(crate) close: Option<Closed>,
     /// Then open one at this position, and write the history from there to this frame's end
     /// (empty after a `max_length` cut, which goes on from the cut).
-    pub open: Option<u64>,
+    pub(crate) open: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,7 +114,7 @@ struct Open {
 
 /// The state machine. Feed it every frame in stream order with [`Segmenter::frame`].
 #[derive(Debug, Clone)]
-pub struct Segmenter {
+pub(crate) struct Segmenter {
     s: Settings,
     phase: Phase,
     /// End of the previous utterance: the next one's pre-roll does not reach back past it.
@@ -128,7 +128,7 @@ const IDLE: Phase = Phase::Idle {
 };
 
 impl Segmenter {
-    pub fn new(settings: Settings) -> Segmenter {
+    pub(crate) fn new(settings: Settings) -> Segmenter {
         Segmenter {
             s: settings,
             phase: IDLE,
@@ -136,13 +136,13 @@ impl Segmenter {
         }
     }
 
-    pub fn settings(&self) -> &Settings {
+    pub(crate) fn settings(&self) -> &Settings {
         &self.s
     }
 
     /// New rules (same frame size) from the next frame on; a run of voiced frames being counted
     /// towards `start_ms` starts again. An open utterance keeps going under the new rules.
-    pub fn set_settings(&mut self, settings: Settings) {
+    pub(crate) fn set_settings(&mut self, settings: Settings) {
         self.s = settings;
         if !self.in_speech() {
             self.phase = IDLE;
@@ -150,12 +150,12 @@ impl Segmenter {
     }
 
     /// Whether an utterance is open.
-    pub fn in_speech(&self) -> bool {
+    pub(crate) fn in_speech(&self) -> bool {
         matches!(self.phase, Phase::Speech(_))
     }
 
     /// Take the frame at stream position `pos` (`settings.frame` samples long).
-    pub fn frame(&mut self, pos: u64, voiced: bool, energy: f64) -> Step {
+    pub(crate) fn frame(&mut self, pos: u64, voiced: bool, energy: f64) -> Step {
         let end = pos + self.s.frame;
         match &mut self.phase {
             Phase::Idle {
@@ -222,14 +222,14 @@ impl Segmenter {
 
     /// The stream breaks at `at` and goes on `len` samples later (lost audio, or 0 for a lost
     /// device): close the open utterance at `at`, and let no pre-roll reach back across the break.
-    pub fn skip(&mut self, at: u64, len: u64, reason: EndReason) -> Option<Closed> {
+    pub(crate) fn skip(&mut self, at: u64, len: u64, reason: EndReason) -> Option<Closed> {
         let closed = self.finish(at, reason);
         self.last_end = at + len;
         closed
     }
 
     /// Close the open utterance, if any, at `end` (end of input, shutdown, device lost).
-    pub fn finish(&mut self, end: u64, reason: EndReason) -> Option<Closed> {
+    pub(crate) fn finish(&mut self, end: u64, reason: EndReason) -> Option<Closed> {
         match self.phase {
             Phase::Speech(_) => Some(self.close(end, reason)),
             Phase::Idle { .. } => {
@@ -288,7 +288,7 @@ impl Segmenter {
 }
 
 /// RMS level in dBFS of `samples` samples whose squares sum to `energy`; -inf for none.
-pub fn level_dbfs(energy: f64, samples: u64) -> f64 {
+pub(crate) fn level_dbfs(energy: f64, samples: u64) -> f64 {
     if samples == 0 || energy <= 0.0 {
         return f64::NEG_INFINITY;
     }

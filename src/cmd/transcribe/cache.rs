@@ -24,7 +24,7 @@ use crate::config::Config;
 
 /// Where the cache lives without `--cache-dir`: `$XDG_CACHE_HOME/hark/transcribe`, else
 /// `~/.cache/hark/transcribe`, else `hark-cache-UID` in the temporary directory.
-pub fn default_dir() -> PathBuf {
+pub(crate) fn default_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
@@ -42,7 +42,7 @@ pub fn default_dir() -> PathBuf {
 }
 
 /// The BLAKE3 hash of everything `r` yields, as hex.
-pub fn content_hash(mut r: impl Read) -> io::Result<String> {
+pub(crate) fn content_hash(mut r: impl Read) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -59,7 +59,7 @@ pub fn content_hash(mut r: impl Read) -> io::Result<String> {
 }
 
 /// A hash of the settings that decide the utterances and their transcripts.
-pub fn settings_hash(config: &Config) -> String {
+pub(crate) fn settings_hash(config: &Config) -> String {
     let t = &config.transcribe;
     // The reference recordings by content: a new recording of a speaker is a new question.
     let speakers: Vec<(String, String)> = t
@@ -102,7 +102,7 @@ struct Line {
 }
 
 /// The transcripts of one recording under one set of settings.
-pub struct Cache {
+pub(crate) struct Cache {
     dir: PathBuf,
     known: HashMap<(u64, u64), Text>,
     log: File,
@@ -112,7 +112,7 @@ pub struct Cache {
 
 impl Cache {
     /// Open (and create) `{root}/{content}-{settings}`; read what earlier runs left.
-    pub fn open(root: &Path, content: &str, settings: &str) -> io::Result<Cache> {
+    pub(crate) fn open(root: &Path, content: &str, settings: &str) -> io::Result<Cache> {
         let dir = root.join(format!(
             "{}-{}",
             &content[..content.len().min(16)],
@@ -149,24 +149,24 @@ impl Cache {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.known.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.known.is_empty()
     }
 
-    pub fn get(&self, offset_ms: u64, duration_ms: u64) -> Option<&Text> {
+    pub(crate) fn get(&self, offset_ms: u64, duration_ms: u64) -> Option<&Text> {
         self.known.get(&(offset_ms, duration_ms))
     }
 
     /// Remember a transcript (appended to the file at once).
-    pub fn put(&mut self, offset_ms: u64, duration_ms: u64, text: &Text) -> io::Result<()> {
+    pub(crate) fn put(&mut self, offset_ms: u64, duration_ms: u64, text: &Text) -> io::Result<()> {
         let line = Line {
             offset_ms,
             duration_ms,

@@ -5,14 +5,14 @@
 //! The pipeline is the daemon's: the file is a capture source, the dsp thread writes each utterance
 //! to a spool (the resume cache's `spool/`, or the `--record-only` directory) and hands it here
 //! instead of to the upload queue, so that an utterance the cache already knows is not sent again.
-//! The rest go to [`Uploader`] with `-j` threads, which patiently retries like `hark upload`: when
+//! The rest go to the session's `-j` upload threads, which retry patiently like `hark upload`: when
 //! every endpoint is down it gives up, the run exits 1 and the next run resumes.
 //! Deliberately not here: signal handling (Ctrl-C ends the run; what was transcribed is cached),
 //! watching a directory of recordings.
 
-pub mod cache;
+pub(crate) mod cache;
 mod output;
-pub mod progress;
+pub(crate) mod progress;
 pub mod render;
 
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ use progress::{Progress, Snapshot};
 use render::{Counts, Item, ItemState, Text};
 
 /// The format `-o` names by its extension, else JSON.
-pub fn format_for(output: Option<&Path>) -> Format {
+pub(crate) fn format_for(output: Option<&Path>) -> Format {
     let ext = output
         .and_then(Path::extension)
         .and_then(|e| e.to_str())

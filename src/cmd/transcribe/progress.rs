@@ -7,21 +7,21 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How often the plain log line is written.
-pub const LOG_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(5);
 
 /// What has been done so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Audio judged by the VAD, ms.
-    pub audio_ms: u64,
-    pub utterances: u64,
-    pub transcribed: u64,
-    pub failed: u64,
+    pub(crate) audio_ms: u64,
+    pub(crate) utterances: u64,
+    pub(crate) transcribed: u64,
+    pub(crate) failed: u64,
     /// Taken from the resume cache instead of uploaded.
-    pub cached: u64,
+    pub(crate) cached: u64,
 }
 
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<ProgressBar>,
     total_ms: Option<u64>,
     started: Instant,
@@ -31,7 +31,7 @@ pub struct Progress {
 
 impl Progress {
     /// `total_ms`: the recording's length when the container says it.
-    pub fn new(total_ms: Option<u64>, uploads: bool) -> Progress {
+    pub(crate) fn new(total_ms: Option<u64>, uploads: bool) -> Progress {
         // -q (info off) silences the bar as it does the log lines.
         let show = std::io::stderr().is_terminal() && tracing::enabled!(tracing::Level::INFO);
         let bar = show.then(|| {
@@ -60,7 +60,7 @@ impl Progress {
     }
 
     /// Show `s`: the bar at once, a log line at most every [`LOG_EVERY`] (or when `force`d).
-    pub fn show(&mut self, s: Snapshot, force: bool) {
+    pub(crate) fn show(&mut self, s: Snapshot, force: bool) {
         let line = self.line(s);
         match &self.bar {
             Some(bar) => {
@@ -97,7 +97,7 @@ impl Progress {
     }
 
     /// Clear the bar (the final summary is logged by the caller).
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -105,7 +105,7 @@ impl Progress {
 }
 
 /// `h:mm:ss`, or `m:ss` under an hour.
-pub fn clock(ms: u64) -> String {
+pub(crate) fn clock(ms: u64) -> String {
     let s = ms / 1000;
     if s >= 3600 {
         format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)

@@ -14,13 +14,13 @@ use crate::spool::UtteranceMeta;
 
 /// One utterance of the recording and what became of it.
 #[derive(Debug, Clone)]
-pub struct Item {
-    pub meta: UtteranceMeta,
-    pub state: ItemState,
+pub(crate) struct Item {
+    pub(crate) meta: UtteranceMeta,
+    pub(crate) state: ItemState,
 }
 
 #[derive(Debug, Clone)]
-pub enum ItemState {
+pub(crate) enum ItemState {
     /// `--record-only`: the audio is written, nothing was sent.
     Recorded,
     /// Not transcribed in this run (every endpoint was down, or it never got its turn).
@@ -37,19 +37,19 @@ pub enum ItemState {
 
 /// A transcript as the output needs it (also what the resume cache keeps).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct Text {
-    pub text: String,
+pub(crate) struct Text {
+    pub(crate) text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub language: Option<String>,
+    pub(crate) language: Option<String>,
     /// Times relative to the utterance's start, as the server sent them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub segments: Vec<Segment>,
+    pub(crate) segments: Vec<Segment>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub words: Vec<Word>,
+    pub(crate) words: Vec<Word>,
     #[serde(default)]
-    pub model: String,
+    pub(crate) model: String,
     #[serde(default)]
-    pub endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Item {
@@ -82,14 +82,14 @@ impl Item {
 /// Counts of the states, for the document and the exit status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
-    pub utterances: u64,
-    pub transcribed: u64,
-    pub failed: u64,
-    pub pending: u64,
-    pub dropped: u64,
+    pub(crate) utterances: u64,
+    pub(crate) transcribed: u64,
+    pub(crate) failed: u64,
+    pub(crate) pending: u64,
+    pub(crate) dropped: u64,
 }
 
-pub fn counts(items: &[Item]) -> Counts {
+pub(crate) fn counts(items: &[Item]) -> Counts {
     let mut c = Counts {
         utterances: items.len() as u64,
         ..Counts::default()
@@ -108,14 +108,14 @@ pub fn counts(items: &[Item]) -> Counts {
 
 /// One subtitle cue.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cue {
-    pub start_ms: u64,
-    pub end_ms: u64,
-    pub text: String,
+pub(crate) struct Cue {
+    pub(crate) start_ms: u64,
+    pub(crate) end_ms: u64,
+    pub(crate) text: String,
 }
 
 /// The cues of `items` (in any order), sorted, none empty, none overlapping the next.
-pub fn cues(items: &[Item]) -> Vec<Cue> {
+pub(crate) fn cues(items: &[Item]) -> Vec<Cue> {
     let mut out = Vec::new();
     for item in items {
         match &item.state {
@@ -210,7 +210,7 @@ fn clock(ms: u64, sep: char) -> String {
     )
 }
 
-pub fn srt(items: &[Item]) -> String {
+pub(crate) fn srt(items: &[Item]) -> String {
     let mut out = String::new();
     for (i, cue) in cues(items).iter().enumerate() {
         out.push_str(&format!(
@@ -224,7 +224,7 @@ pub fn srt(items: &[Item]) -> String {
     out
 }
 
-pub fn vtt(items: &[Item]) -> String {
+pub(crate) fn vtt(items: &[Item]) -> String {
     let mut out = String::from("WEBVTT\n\n");
     for cue in cues(items) {
         let text = cue
@@ -243,7 +243,7 @@ pub fn vtt(items: &[Item]) -> String {
 }
 
 /// One line per utterance, in the recording's order.
-pub fn text(items: &[Item]) -> String {
+pub(crate) fn text(items: &[Item]) -> String {
     let mut out = String::new();
     for item in sorted(items) {
         let line = match &item.state {
@@ -313,7 +313,7 @@ struct ErrorField<'a> {
 /// The JSON document: every utterance with its times, text, segments and words, one utterance
 /// per line. Made of [`json_head`], the [`json_utterance`]s joined by `,\n`, and [`JSON_TAIL`], so
 /// that a long `--record-only` run can write the utterances as they come.
-pub fn json(file: &str, duration_ms: u64, items: &[Item], audio: Option<&str>) -> String {
+pub(crate) fn json(file: &str, duration_ms: u64, items: &[Item], audio: Option<&str>) -> String {
     let mut out = json_head(file, duration_ms, counts(items));
     let lines: Vec<String> = sorted(items)
         .into_iter()
@@ -325,7 +325,7 @@ pub fn json(file: &str, duration_ms: u64, items: &[Item], audio: Option<&str>) -
 }
 
 /// Everything before the first utterance.
-pub fn json_head(file: &str, duration_ms: u64, counts: Counts) -> String {
+pub(crate) fn json_head(file: &str, duration_ms: u64, counts: Counts) -> String {
     let head = Head {
         v: 1,
         file,
@@ -340,11 +340,11 @@ pub fn json_head(file: &str, duration_ms: u64, counts: Counts) -> String {
 }
 
 /// After the last utterance.
-pub const JSON_TAIL: &str = "\n]}\n";
+pub(crate) const JSON_TAIL: &str = "\n]}\n";
 
 /// One utterance of the document, on one line; `audio`: the directory of its Ogg file, relative
 /// to the document, when the document names it (record-only).
-pub fn json_utterance(item: &Item, audio: Option<&str>) -> String {
+pub(crate) fn json_utterance(item: &Item, audio: Option<&str>) -> String {
     let shift = |s: f64| item.at(s) as f64 / 1000.0;
     let m = &item.meta;
     let mut u = Utterance {

@@ -22,14 +22,14 @@ use crate::event::Line;
 
 /// The retained status payload the broker publishes for hark when the connection dies (last will),
 /// and that hark publishes itself when it stops.
-pub const OFFLINE: &str = r#"{"state":"offline"}"#;
+pub(crate) const OFFLINE: &str = r#"{"state":"offline"}"#;
 
 /// One MQTT publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Msg {
-    pub topic: Arc<str>,
-    pub payload: Arc<str>,
-    pub retain: bool,
+pub(crate) struct Msg {
+    pub(crate) topic: Arc<str>,
+    pub(crate) payload: Arc<str>,
+    pub(crate) retain: bool,
     /// Published on connect (status, discovery): made afresh on each connect, never resent.
     transient: bool,
 }
@@ -47,18 +47,18 @@ impl Msg {
 
 /// The topics of one device, and the Home Assistant discovery configs when asked for.
 #[derive(Debug, Clone)]
-pub struct Topics {
-    pub event: Arc<str>,
-    pub transcript: Arc<str>,
-    pub status: Arc<str>,
-    pub speaking: Arc<str>,
+pub(crate) struct Topics {
+    pub(crate) event: Arc<str>,
+    pub(crate) transcript: Arc<str>,
+    pub(crate) status: Arc<str>,
+    pub(crate) speaking: Arc<str>,
     /// (config topic, config) pairs, published retained on connect; empty without discovery.
-    pub discovery: Vec<(Arc<str>, Arc<str>)>,
+    pub(crate) discovery: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl Topics {
     /// `{prefix}/{device}/...` (just `{device}/...` with an empty prefix).
-    pub fn new(prefix: &str, device: &str, discovery: bool, qos: u8) -> Topics {
+    pub(crate) fn new(prefix: &str, device: &str, discovery: bool, qos: u8) -> Topics {
         let prefix = prefix.trim_end_matches('/');
         let base = if prefix.is_empty() {
             device.to_owned()
@@ -86,7 +86,7 @@ impl Topics {
 
 /// Home Assistant's node id for a device: `hark_{device}` with anything but `[A-Za-z0-9_-]`
 /// replaced by `_`.
-pub fn node_id(device: &str) -> String {
+pub(crate) fn node_id(device: &str) -> String {
     format!("hark_{device}")
         .chars()
         .map(|c| {
@@ -165,7 +165,7 @@ enum Flight {
 
 /// Lines and publishes on their way to the broker.
 #[derive(Debug)]
-pub struct Outbox {
+pub(crate) struct Outbox {
     topics: Topics,
     /// Most lines kept in `waiting`.
     bound: usize,
@@ -188,7 +188,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(topics: Topics, bound: usize, window: usize) -> Outbox {
+    pub(crate) fn new(topics: Topics, bound: usize, window: usize) -> Outbox {
         Outbox {
             topics,
             bound: bound.max(1),
@@ -203,22 +203,22 @@ impl Outbox {
         }
     }
 
-    pub fn topics(&self) -> &Topics {
+    pub(crate) fn topics(&self) -> &Topics {
         &self.topics
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         self.connected
     }
 
     /// Connected, or still making the first connection: worth waiting for when hark stops
     /// (a short run must not end before its first connection had a chance).
-    pub fn may_deliver(&self) -> bool {
+    pub(crate) fn may_deliver(&self) -> bool {
         self.connected || self.first_attempt
     }
 
     /// Take a line in. Returns how many lines were dropped (the oldest) to stay within the bound.
-    pub fn push(&mut self, line: &Line) -> u64 {
+    pub(crate) fn push(&mut self, line: &Line) -> u64 {
         if line.kind == "status" {
             self.last_status = Some(line.json.clone());
         }
@@ -232,24 +232,24 @@ impl Outbox {
     }
 
     /// Lines or publishes wait to be handed over.
-    pub fn has_work(&self) -> bool {
+    pub(crate) fn has_work(&self) -> bool {
         !self.waiting.is_empty() || !self.ready.is_empty()
     }
 
     /// Everything taken in has been acknowledged (or written, at QoS 0).
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         !self.has_work() && self.inflight.is_empty()
     }
 
     /// Lines waiting, publishes ready, publishes in flight.
-    pub fn lens(&self) -> (usize, usize, usize) {
+    pub(crate) fn lens(&self) -> (usize, usize, usize) {
         (self.waiting.len(), self.ready.len(), self.inflight.len())
     }
 
     /// The broker accepted the connection (CONNACK, a new session): the retained status, the
     /// discovery configs and the speaking state go first, then what the last connection left
     /// unacknowledged, then the waiting lines.
-    pub fn connected(&mut self) {
+    pub(crate) fn connected(&mut self) {
         self.connected = true;
         self.first_attempt = false;
         let mut first = vec![self.online()];
@@ -270,7 +270,7 @@ impl Outbox {
     /// goes back, in order, ahead of the rest. Publishes made for the connect are dropped (the
     /// next connect makes its own).
     /// Returns how many publishes go back.
-    pub fn disconnected(&mut self) -> usize {
+    pub(crate) fn disconnected(&mut self) -> usize {
         self.connected = false;
         self.first_attempt = false;
         self.ready.retain(|m| !m.transient);
@@ -286,7 +286,7 @@ impl Outbox {
 
     /// The next publish to hand to rumqttc, if connected and the window has room. It counts as
     /// handed over; give it back with [`Outbox::refused`] if rumqttc does not take it.
-    pub fn next_publish(&mut self) -> Option<Msg> {
+    pub(crate) fn next_publish(&mut self) -> Option<Msg> {
         if !self.connected || self.inflight.len() >= self.window {
             return None;
         }
@@ -300,14 +300,14 @@ impl Outbox {
     }
 
     /// rumqttc did not take the publish [`Outbox::next_publish`] gave last: it goes first again.
-    pub fn refused(&mut self) {
+    pub(crate) fn refused(&mut self) {
         if let Some((msg, _)) = self.inflight.pop_back() {
             self.ready.push_front(msg);
         }
     }
 
     /// rumqttc wrote a publish (`Outgoing::Publish`). At QoS 0 that is all there is to it.
-    pub fn sent(&mut self, pkid: u16) {
+    pub(crate) fn sent(&mut self, pkid: u16) {
         if pkid == 0 {
             if let Some(i) = self.position(Flight::Handed) {
                 self.inflight.remove(i);
@@ -324,14 +324,14 @@ impl Outbox {
     }
 
     /// rumqttc holds the next publish until `pkid` is acknowledged (`Outgoing::AwaitAck`).
-    pub fn collided(&mut self, pkid: u16) {
+    pub(crate) fn collided(&mut self, pkid: u16) {
         if let Some(i) = self.position(Flight::Handed) {
             self.inflight[i].1 = Flight::Collided(pkid);
         }
     }
 
     /// The broker acknowledged `pkid` (PUBACK at QoS 1, PUBCOMP at QoS 2).
-    pub fn acked(&mut self, pkid: u16) {
+    pub(crate) fn acked(&mut self, pkid: u16) {
         if let Some(i) = self.position(Flight::Sent(pkid)) {
             self.inflight.remove(i);
         }
@@ -384,7 +384,7 @@ impl Outbox {
     }
 
     /// The retained status hark publishes when it stops.
-    pub fn offline(&self) -> Msg {
+    pub(crate) fn offline(&self) -> Msg {
         let mut msg = Msg::new(&self.topics.status, OFFLINE.into(), true);
         msg.transient = true;
         msg
