@@ -12,8 +12,6 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#![deny(unsafe_code)]
-
 pub(crate) mod backoff;
 pub(crate) mod bus;
 pub mod capture;

@@ -297,6 +297,7 @@ fn a_missing_device_is_ready_and_degraded_and_still_pinged() {
 }
 
 #[test]
+#[allow(unsafe_code)] // pre_exec: setrlimit in the child between fork and exec
 fn realtime_denied_is_one_warning_and_capture_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let (socket, path) = bound_socket(dir.path());

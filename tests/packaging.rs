@@ -192,7 +192,7 @@ fn sysusers_and_tmpfiles_make_the_user_and_the_spool() {
         let meta = std::fs::metadata(root.path().join(dir)).unwrap();
         assert!(meta.is_dir());
         assert_eq!(meta.mode() & 0o7777, 0o750, "{dir}");
-        if unsafe { libc::geteuid() } == 0 {
+        if common::effective_ids().0 == 0 {
             assert_eq!(meta.uid(), uid, "{dir}");
         }
     }

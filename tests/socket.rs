@@ -317,8 +317,7 @@ fn a_stale_socket_is_replaced_and_one_in_use_is_not() {
 fn the_socket_has_its_mode_and_group_and_bad_settings_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("events.sock");
-    // SAFETY: getegid(2) has no preconditions.
-    let gid = unsafe { libc::getegid() };
+    let gid = common::effective_ids().1;
     let group = group_name(gid);
     let group_arg = format!("output.socket_group={group}");
     let extra = [

@@ -35,10 +35,7 @@ fn wait_exit(mut child: Child, limit: Duration) -> ExitStatus {
     match rx.recv_timeout(limit) {
         Ok(status) => status.expect("wait for hark"),
         Err(_) => {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            common::kill(pid, libc::SIGKILL);
             panic!("hark did not exit within {limit:?}");
         }
     }

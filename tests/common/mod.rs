@@ -223,10 +223,7 @@ fn run_full(args: &[&str], input: Option<Vec<u8>>, env: &[(&str, &str)]) -> Outp
     let (tx, rx) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
         if rx.recv_timeout(RUN_LIMIT).is_err() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+            kill(pid, libc::SIGKILL);
             return true;
         }
         false
@@ -411,10 +408,7 @@ impl Running {
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+        kill(self.child.id() as i32, sig);
     }
 
     /// Wait for exit (bounded), then return the status, the remaining events and all of stderr.
@@ -574,4 +568,20 @@ impl Drop for SocketClient {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// Send `sig` to process `pid` (a child the test started).
+#[allow(unsafe_code)]
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) takes plain integers; the pid is a child of this process.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// This process's effective user and group ids.
+#[allow(unsafe_code)]
+pub fn effective_ids() -> (u32, u32) {
+    // SAFETY: geteuid(2) and getegid(2) have no preconditions and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
 }

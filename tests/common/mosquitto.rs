@@ -159,10 +159,7 @@ impl Mosquitto {
 
     fn signal(&self, sig: i32) {
         let child = self.child.as_ref().expect("the broker is running");
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(child.id() as i32, sig);
-        }
+        super::kill(child.id() as i32, sig);
     }
 
     fn reap(&mut self) {

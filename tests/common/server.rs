@@ -947,6 +947,7 @@ fn write_chunks(
 }
 
 /// SO_LINGER 0, so that closing the socket resets the connection instead of ending it with FIN.
+#[allow(unsafe_code)]
 fn linger_zero(tcp: &TcpStream) -> io::Result<()> {
     use std::ffi::{c_int, c_void};
     use std::os::fd::AsRawFd;
