@@ -51,9 +51,6 @@ const KNOWN_CYCLE_EDGES: &[(&str, &str)] = &[];
 
 /// Cycles between sibling submodules allowed for now, as (module, submodule, submodule).
 const KNOWN_SUBMODULE_CYCLES: &[(&str, &str, &str)] = &[
-    // `file` opens compressed input through `media`, and `media` uses `file`'s rate and channel
-    // limits, pacing and sample conversion.
-    ("capture", "file", "media"),
     // `response` hands an event-stream body nobody asked for to `sse`, which builds its
     // transcript with `response`'s helpers.
     ("upload", "response", "sse"),

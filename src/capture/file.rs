@@ -15,26 +15,17 @@
 use std::fs::File;
 use std::io::{self, BufReader, Chain, Cursor, Read};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
+use super::input::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
 use super::media::{MediaError, MediaKind, MediaSource};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::config::ChannelSel;
 
-pub(crate) const NAME: &str = "file";
 pub(crate) const STDIN_NAME: &str = "stdin";
-
-/// Frames read per period: 20 ms at the file's rate.
-pub(super) const PERIOD_MS: usize = 20;
 
 /// The file with the bytes already read to recognise it put back in front (the file may be a
 /// pipe, which cannot be reopened or rewound).
 type Sniffed = Chain<Cursor<Vec<u8>>, File>;
-
-/// What a file header may declare; beyond this it is broken or hostile, not a recording.
-pub(super) const MAX_RATE: u32 = 192_000;
-pub(super) const MIN_RATE: u32 = 8_000;
-pub(super) const MAX_CHANNELS: u16 = 32;
 
 /// What an input file is, by its first bytes and then its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,40 +128,6 @@ pub struct FileSource {
     pace: Option<Pace>,
     /// The input's length in stream samples (16 kHz), when known.
     duration: Option<u64>,
-}
-
-/// `--pace`: deliver a file at real-time speed, as a microphone would, by sleeping until each
-/// period is due (measured from the first period, so the sleeps do not drift).
-pub(super) struct Pace {
-    rate: u32,
-    start: Option<Instant>,
-    frames: u64,
-}
-
-impl Pace {
-    pub(super) fn new(rate: u32) -> Pace {
-        Pace {
-            rate: rate.max(1),
-            start: None,
-            frames: 0,
-        }
-    }
-
-    /// `frames` more frames have been delivered: sleep until they are due.
-    pub(super) fn wait(&mut self, frames: usize) {
-        let start = *self.start.get_or_insert_with(Instant::now);
-        self.frames += frames as u64;
-        let due = start + Duration::from_micros(self.frames * 1_000_000 / u64::from(self.rate));
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-    }
-}
-
-/// `frames` at `rate` in stream samples (16 kHz): what the converter delivers for them.
-pub(super) fn to_stream_samples(frames: u64, rate: u32) -> u64 {
-    (u128::from(frames) * u128::from(SAMPLE_RATE) / u128::from(rate.max(1))) as u64
 }
 
 impl FileSource {

@@ -41,7 +41,7 @@ use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions, ReadOnlyS
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::packet::Packet;
 
-use super::file::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
+use super::input::{MAX_CHANNELS, MAX_RATE, MIN_RATE, NAME, PERIOD_MS, Pace, to_stream_samples};
 use super::{CaptureError, Converter, Flow, RingWriter, SAMPLE_RATE, Source};
 use crate::codec::decode::{DecodeError, MAX_PACKET_SAMPLES, OggOpusReader};
 use crate::config::ChannelSel;
@@ -717,8 +717,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::capture::file::open_input;
-    use crate::capture::{Chunk, RingState, ring};
+    use crate::capture::{Chunk, RingState, open_input, ring};
     use crate::codec::{EncodeSettings, OggOpusWriter};
 
     /// A FLAC file with verbatim (uncompressed) subframes of 16-bit samples, `block` frames each:

@@ -10,8 +10,12 @@
 
 pub mod alsa;
 pub mod file;
+mod input;
 pub mod media;
 pub(crate) mod realtime;
+
+/// Open any input file (WAV, raw, FLAC, MP3, Ogg/Opus; a pipe too) by its first bytes.
+pub use file::open_input;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use super::Error;
 use crate::capture::alsa::AlsaSource;
-use crate::capture::file::{FileSource, open_input};
+use crate::capture::file::FileSource;
+use crate::capture::open_input;
 use crate::capture::{SAMPLE_RATE, Source};
 use crate::cli::RunArgs;
 use crate::config::{Config, ConfigError, Source as SourceKind};

@@ -81,7 +81,7 @@ pub fn run(config: &Config, args: &TranscribeArgs) -> Result<Counts, Error> {
         ));
     }
     let source: Box<dyn Source> =
-        crate::capture::file::open_input(&args.file, config.capture.channel, false)?;
+        crate::capture::open_input(&args.file, config.capture.channel, false)?;
     let total_ms = source
         .duration_samples()
         .map(|n| n * 1000 / u64::from(SAMPLE_RATE));
