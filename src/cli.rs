@@ -142,4 +142,5 @@ Files: /etc/hark/hark.toml (config; `hark check-config` prints every key), /var/
 (spool.dir), $CREDENTIALS_DIRECTORY/api_key (the API key from systemd's LoadCredential=).
 Signals: SIGTERM/SIGINT stop (the open utterance is kept), SIGHUP reloads the config.
 Exit codes: 0 ok, 2 usage, 78 bad config, 69 audio device unavailable, 1 other.
-Documentation: /usr/share/doc/hark/README.md";
+Documentation: /usr/share/doc/hark/README.md; the events, every config key and the API in
+/usr/share/doc/hark/docs/ (events.md, config.md, api.md).";

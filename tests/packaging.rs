@@ -354,6 +354,17 @@ fn the_deb_unpacks_to_the_expected_files() {
             .iter()
             .map(|b| (format!("usr/share/hark/boards/{b}"), 0o644)),
     );
+    // The README's links into docs/ hold in /usr/share/doc/hark too.
+    let docs = std::fs::read_dir(repo("docs")).unwrap();
+    let docs: Vec<String> = docs
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".md"))
+        .collect();
+    assert!(docs.iter().any(|d| d == "events.md"), "{docs:?}");
+    expected.extend(
+        docs.iter()
+            .map(|d| (format!("usr/share/doc/hark/docs/{d}"), 0o644)),
+    );
     use std::os::unix::fs::PermissionsExt;
     for (path, mode) in &expected {
         let meta = std::fs::metadata(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
