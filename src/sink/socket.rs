@@ -13,14 +13,15 @@
 //! lines counted and reported with an `error` event. There is no request protocol, no history and
 //! no authentication beyond the file's mode and group.
 
+mod file;
+
 use std::ffi::c_short;
-use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -31,6 +32,7 @@ use super::{Dropped, Reporter, Sink};
 use crate::config::OutputConfig;
 use crate::event::{EventKind, Line};
 use crate::sys;
+use file::{MAX_PATH_BYTES, SocketFile, group_id};
 
 pub(crate) const NAME: &str = "socket";
 
@@ -44,9 +46,6 @@ pub(crate) const CLIENT_QUEUE: usize = 256;
 
 /// How long closing the sink waits for clients to take the lines still queued for them.
 const CLOSE_DEADLINE: Duration = Duration::from_secs(1);
-
-/// `sun_path` holds 108 bytes on Linux, the terminating NUL included.
-const MAX_PATH_BYTES: usize = 107;
 
 /// Why the socket could not be set up. Each names the config key and the path.
 #[derive(Debug, thiserror::Error)]
@@ -138,28 +137,6 @@ impl StatusSource {
 
     fn status(&self) -> Option<EventKind> {
         self.0.build.get().and_then(|build| build())
-    }
-}
-
-/// The socket file as bound: removed on drop, only if the path still names this very socket (a
-/// second hark that replaced it as stale keeps its own).
-struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
-                if let Err(e) = fs::remove_file(&self.path) {
-                    tracing::warn!("cannot remove {}: {e}", self.path.display());
-                }
-            }
-            Ok(_) => tracing::debug!("{} is no longer ours; left as it is", self.path.display()),
-            Err(_) => {}
-        }
     }
 }
 
@@ -302,25 +279,11 @@ impl SocketSink {
             "" => None,
             name => Some(group_id(name)?),
         };
-        let listener = create_unix_socket(&path)?;
+        let (listener, file) = SocketFile::bind(&path, mode, gid)?;
         let io = |what| {
             let path = path.clone();
             move |source| SocketError::Io { path, what, source }
         };
-        let meta = fs::symlink_metadata(&path).map_err(io("reading what was bound"))?;
-        // From here on, an error return removes the socket again.
-        let file = SocketFile {
-            path: path.clone(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        // Between bind and chmod the socket has the umask's mode; the directory guards it.
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-            .map_err(io("setting its mode"))?;
-        if let Some(gid) = gid {
-            std::os::unix::fs::chown(&path, None, Some(gid))
-                .map_err(io("setting its group (is hark's user a member of it?)"))?;
-        }
         listener
             .set_nonblocking(true)
             .map_err(io("making it non-blocking"))?;
@@ -562,96 +525,13 @@ fn drain(wake: &UnixStream) {
     while matches!((&*wake).read(&mut buf), Ok(n) if n > 0) {}
 }
 
-/// Bind a listener at `path`, replacing a stale socket only. See the module comment.
-fn create_unix_socket(path: &Path) -> Result<UnixListener, SocketError> {
-    let len = path.as_os_str().len();
-    if len > MAX_PATH_BYTES {
-        return Err(SocketError::PathTooLong {
-            path: path.to_owned(),
-            len,
-        });
-    }
-    let io = |what| {
-        let path = path.to_owned();
-        move |source| SocketError::Io { path, what, source }
-    };
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(SocketError::InUse {
-                    path: path.to_owned(),
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                tracing::info!("replacing the stale socket {}", path.display());
-                match fs::remove_file(path) {
-                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                        return Err(io("removing the stale socket")(e));
-                    }
-                    _ => {}
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("checking whether the socket there is in use")(e)),
-        },
-        Ok(meta) => {
-            return Err(SocketError::NotASocket {
-                path: path.to_owned(),
-                kind: describe(meta.file_type()),
-            });
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("inspecting the path")(e)),
-    }
-    UnixListener::bind(path).map_err(|e| {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        match parent {
-            Some(parent) if e.kind() == io::ErrorKind::NotFound && !parent.exists() => {
-                SocketError::NoParent {
-                    path: path.to_owned(),
-                    parent: parent.to_owned(),
-                }
-            }
-            _ => io("binding")(e),
-        }
-    })
-}
-
-fn describe(t: fs::FileType) -> &'static str {
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else {
-        "not a socket"
-    }
-}
-
-/// Resolve a group name; a name that is no group but a number is taken as a gid.
-fn group_id(name: &str) -> Result<u32, SocketError> {
-    match sys::group_id(name) {
-        Ok(Some(gid)) => Ok(gid),
-        Ok(None) => name
-            .parse::<u32>()
-            .map_err(|_| SocketError::UnknownGroup(name.to_owned())),
-        Err(source) => Err(SocketError::GroupLookup {
-            name: name.to_owned(),
-            source,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bus::Events;
     use crate::bus::SinkQueue;
+    use std::fs;
+    use std::path::Path;
 
     fn output(path: &Path) -> OutputConfig {
         OutputConfig {
