@@ -19,16 +19,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in sox strip; do
-    command -v "$tool" >/dev/null || {
-        echo "measure.sh: $tool is missing (apt-get install sox binutils)" >&2
-        exit 1
-    }
-done
-if [ ! -x /usr/bin/time ]; then
-    echo "== installing GNU time (/usr/bin/time)"
-    apt-get install -y time >/dev/null || { apt-get update >/dev/null && apt-get install -y time >/dev/null; }
-fi
+. benches/tools.sh
+need measure.sh "sox binutils" sox strip
+need_gnu_time
 
 echo "== cargo build --release"
 cargo build --release

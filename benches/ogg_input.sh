@@ -16,15 +16,9 @@ mkdir -p "$data"
 tmp=$(mktemp -d -p target)
 trap 'rm -rf -- "$tmp"' EXIT
 
-for tool in sox opusenc; do
-    command -v "$tool" >/dev/null || {
-        echo "ogg_input.sh: $tool is missing (apt-get install sox opus-tools)" >&2
-        exit 1
-    }
-done
-if [ ! -x /usr/bin/time ]; then
-    apt-get install -y time >/dev/null || { apt-get update >/dev/null && apt-get install -y time >/dev/null; }
-fi
+. benches/tools.sh
+need ogg_input.sh "sox opus-tools" sox opusenc
+need_gnu_time
 for other in "$@"; do
     [ -x "$other" ] || {
         echo "ogg_input.sh: $other is not an executable" >&2

@@ -11,12 +11,8 @@ minute=$data/transcribe-minute.wav
 mkdir -p "$data"
 [ -f "$minute" ] && exit 0
 
-for tool in espeak-ng sox; do
-    command -v "$tool" >/dev/null || {
-        echo "speech-minute.sh: $tool is missing (apt-get install espeak-ng sox)" >&2
-        exit 1
-    }
-done
+. benches/tools.sh
+need speech-minute.sh "espeak-ng sox" espeak-ng sox
 tmp=$(mktemp -d -p target)
 trap 'rm -rf -- "$tmp"' EXIT
 

@@ -13,15 +13,9 @@ mkdir -p "$data"
 tmp=$(mktemp -d -p target)
 trap 'rm -rf -- "$tmp"' EXIT
 
-for tool in espeak-ng sox; do
-    command -v "$tool" >/dev/null || {
-        echo "transcribe.sh: $tool is missing (apt-get install espeak-ng sox)" >&2
-        exit 1
-    }
-done
-if [ ! -x /usr/bin/time ]; then
-    apt-get install -y time >/dev/null || { apt-get update >/dev/null && apt-get install -y time >/dev/null; }
-fi
+. benches/tools.sh
+need transcribe.sh "espeak-ng sox" espeak-ng sox
+need_gnu_time
 
 echo "== cargo build --release"
 cargo build --release

@@ -150,12 +150,12 @@ struct Opened {
 }
 
 impl Opened {
+    /// Open `file` (whose first bytes `magic` are already read) as `kind`.
     fn new(
         path: &Path,
         kind: MediaKind,
         file: File,
         magic: Vec<u8>,
-        regular: bool,
     ) -> Result<Opened, CaptureError> {
         let shown = path.display().to_string();
         let media_err = |source: MediaError| CaptureError::Media {
@@ -166,6 +166,10 @@ impl Opened {
             path: shown.clone(),
             source,
         };
+        let regular = file.metadata().map_err(input_err)?.is_file();
+        if magic.is_empty() {
+            return Err(media_err(MediaError::Unusable("the file is empty".into())));
+        }
         Ok(match kind {
             MediaKind::OggOpus => {
                 let (input, tail) = ogg_input(file, magic, regular).map_err(input_err)?;
@@ -225,18 +229,6 @@ impl MediaSource {
         pace: bool,
     ) -> Result<MediaSource, CaptureError> {
         let shown = path.display().to_string();
-        let media_err = |source: MediaError| CaptureError::Media {
-            path: shown.clone(),
-            source,
-        };
-        let input_err = |source| CaptureError::Input {
-            path: shown.clone(),
-            source,
-        };
-        let regular = file.metadata().map_err(input_err)?.is_file();
-        if magic.is_empty() {
-            return Err(media_err(MediaError::Unusable("the file is empty".into())));
-        }
         let Opened {
             demux: decoder,
             rate,
@@ -244,7 +236,7 @@ impl MediaSource {
             frames,
             pending,
             max_packet_frames,
-        } = Opened::new(path, kind, file, magic, regular)?;
+        } = Opened::new(path, kind, file, magic)?;
         if let ChannelSel::Index(c) = channel
             && c as usize >= channels
         {
