@@ -25,6 +25,7 @@ mod pipeline;
 mod reload;
 mod socket;
 mod stdout;
+mod toolchain;
 mod transcribe;
 mod upload;
 
