@@ -146,6 +146,69 @@ fn missing_unreadable_or_broken_inputs_fail_clearly() {
     assert!(stderr(&out).contains("capture.channel"), "{}", stderr(&out));
 }
 
+/// When several things are wrong, hark reports them in its start order: the outputs (socket),
+/// then the spool, then the API key, then the input. A user fixing one problem at a time sees them
+/// in that order, and the exit code is the first one's.
+#[test]
+fn with_several_faults_the_outputs_and_the_spool_are_reported_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "x").unwrap();
+    let bad_spool = format!("spool.dir={}", not_a_dir.join("spool").display());
+    let good_spool = format!("spool.dir={}", dir.path().join("spool").display());
+    let socket = format!(
+        "output.socket={}",
+        dir.path().join("nodir/s.sock").display()
+    );
+    let no_key = format!(
+        "transcribe.api_key_file={}",
+        dir.path().join("nokey").display()
+    );
+    let missing = dir.path().join("missing.wav").display().to_string();
+    let cases: [(&[&str], i32, &str); 4] = [
+        // An unusable spool (1) before an unreadable key file (78).
+        (
+            &["-s", &bad_spool, "-s", &no_key, "-i", &missing],
+            1,
+            "spool directory",
+        ),
+        // The socket's missing directory before a missing input (both 1).
+        (
+            &["-s", &good_spool, "-s", &socket, "-i", &missing],
+            1,
+            "output.socket",
+        ),
+        // The key (78) before a missing input (1).
+        (
+            &["-s", &good_spool, "-s", &no_key, "-i", &missing],
+            78,
+            "nokey",
+        ),
+        // `hark upload`: the spool (1) before a missing key (78).
+        (
+            &[
+                "-s",
+                &bad_spool,
+                "-s",
+                "transcribe.api_key_env=\"NO_SUCH_KEY\"",
+                "upload",
+            ],
+            1,
+            "spool directory",
+        ),
+    ];
+    for (args, code, names) in cases {
+        let out = hark()
+            .args(["-c", "/dev/null", "-s", "output.status_interval_s=0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?}: expected {names:?} in {err}");
+    }
+}
+
 #[test]
 fn unknown_subcommand_or_flag_is_a_usage_error() {
     let out = hark().arg("--no-such-flag").output().unwrap();

@@ -51,14 +51,6 @@ pub fn run_with_reload(
     args: &RunArgs,
     reload: Option<Reload>,
 ) -> Result<Summary, Error> {
-    let setup = transcription(config, args)?;
-    let (source, opened) = open_source(config, args)?;
-    let mut dsp = DspConfig::from_config(config, source.describe());
-    dsp.announce_audio = setup.is_none() || config.spool.keep_audio;
-    if let Some(endpoint) = setup.as_ref().and_then(|s| s.endpoints.first()) {
-        tracing::info!("transcribing with {} ({})", endpoint.shown, endpoint.model);
-    }
-    let record_only = setup.is_none();
     let every = match config.output.status_interval_s {
         0 => None,
         s => Some(Duration::from_secs(u64::from(s))),
@@ -69,24 +61,36 @@ pub fn run_with_reload(
         signals: true,
         notify: true,
         status: Some(every),
-        uploads: setup.map(|setup| Uploads {
+        uploads: None,
+        capture: None,
+    };
+    // Checked once the outputs and the spool are up, as hark always has: the key, then the input.
+    let session = Session::start_with(config, plan, |plan, spool| {
+        let setup = transcription(config, args)?;
+        let (source, opened) = open_source(config, args)?;
+        let mut dsp = DspConfig::from_config(config, source.describe());
+        dsp.announce_audio = setup.is_none() || config.spool.keep_audio;
+        match setup.as_ref().map(|s| s.endpoints.first()) {
+            Some(Some(endpoint)) => {
+                tracing::info!("transcribing with {} ({})", endpoint.shown, endpoint.model);
+            }
+            Some(None) => {}
+            None => tracing::info!("record-only: utterances stay in {}", spool.dir().display()),
+        }
+        plan.uploads = setup.map(|setup| Uploads {
             setup,
             patience: Patience::Forever,
             workers: 1,
             results: false,
-        }),
-        capture: Some(Capture {
+        });
+        plan.capture = Some(Capture {
             source,
             opened,
             dsp,
             route: Route::Uploads,
-        }),
-    };
-    let session = Session::start(config, plan)?;
-    if record_only {
-        let dir = session.spool().dir().display().to_string();
-        tracing::info!("record-only: utterances stay in {dir}");
-    }
+        });
+        Ok::<(), Error>(())
+    })?;
     let mut driver = Daemon {
         current: config.clone(),
         reload,

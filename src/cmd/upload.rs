@@ -9,30 +9,36 @@ use crate::upload::{Patience, Report, Setup, SetupError};
 use crate::url;
 
 pub fn run(config: &Config) -> Result<Report, Error> {
-    let Some(setup) = Setup::from_config(&config.transcribe)? else {
-        return Err(Error::Setup(SetupError::NoKey {
-            endpoint: url::redact(&config.transcribe.endpoint),
-            env: config.transcribe.api_key_env.clone(),
-        }));
-    };
     let plan = Plan {
         outputs: Outputs::Configured,
         spool: None,
         signals: true,
         notify: false,
         status: Some(None),
-        uploads: Some(Uploads {
+        uploads: None,
+        capture: None,
+    };
+    // The key is checked once the outputs and the spool are up, as hark always has.
+    let session = Session::start_with(config, plan, |plan, spool| {
+        let Some(setup) = Setup::from_config(&config.transcribe)? else {
+            return Err(Error::Setup(SetupError::NoKey {
+                endpoint: url::redact(&config.transcribe.endpoint),
+                env: config.transcribe.api_key_env.clone(),
+            }));
+        };
+        let (pending, _) = spool.usage();
+        tracing::info!(
+            "uploading {pending} utterances from {}",
+            spool.dir().display()
+        );
+        plan.uploads = Some(Uploads {
             setup,
             patience: Patience::GiveUp,
             workers: 1,
             results: false,
-        }),
-        capture: None,
-    };
-    let session = Session::start(config, plan)?;
-    let (pending, _) = session.spool().usage();
-    let dir = session.spool().dir().display().to_string();
-    tracing::info!("uploading {pending} utterances from {dir}");
+        });
+        Ok(())
+    })?;
     let ended = session.run(&mut Plain);
     let report = ended.report.unwrap_or_else(|| Report {
         waiting: ended.spool.usage().0,

@@ -148,6 +148,8 @@ pub(crate) struct Session {
     uploader: Option<Uploader>,
     pipeline: Option<Pipeline>,
     shutdown: Shutdown,
+    /// Whether it captures (`hark upload` does not: its messages say "the upload").
+    captures: bool,
 }
 
 /// What a session left behind when it ended.
@@ -165,16 +167,52 @@ pub(crate) struct Ended {
 impl Session {
     /// Start the stages of `plan` in order. On an error, what was started is stopped again.
     pub(crate) fn start(config: &Config, plan: Plan) -> Result<Session, StartError> {
+        Self::start_with(config, plan, |_, _| Ok::<(), StartError>(()))
+    }
+
+    /// [`start`](Self::start), with `late` run once the outputs and the spool are up and before
+    /// anything else: it fills in the parts of `plan` that depend on checks a command makes
+    /// itself (the API key, the input file). So when several things are wrong, the outputs' and
+    /// the spool's errors are the ones reported, as they always were; an error from `late` stops
+    /// the outputs again.
+    pub(crate) fn start_with<E: From<StartError>>(
+        config: &Config,
+        mut plan: Plan,
+        late: impl FnOnce(&mut Plan, &Spool) -> Result<(), E>,
+    ) -> Result<Session, E> {
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
-        let sinks = match plan.outputs {
+        let outputs = std::mem::replace(&mut plan.outputs, Outputs::Given(Vec::new()));
+        let sinks = match outputs {
             Outputs::Configured => Sinks::start(config, &tx)?,
             Outputs::Given(queues) => Sinks::given(config, queues),
         };
-        let spool = match plan.spool {
+        let spool = match plan.spool.take() {
             Some(spool) => spool,
-            None => Arc::new(Spool::open(&config.spool.dir, config.spool.max_bytes)?),
+            None => Arc::new(
+                Spool::open(&config.spool.dir, config.spool.max_bytes).map_err(StartError::from)?,
+            ),
         };
+        late(&mut plan, &spool)?;
+        Ok(Self::start_stages(
+            config,
+            plan,
+            started,
+            (tx, rx),
+            sinks,
+            spool,
+        )?)
+    }
+
+    /// The rest of [`start_with`](Self::start_with): status, signals, uploads, capture, sd_notify.
+    fn start_stages(
+        config: &Config,
+        plan: Plan,
+        started: Instant,
+        (tx, rx): (Sender<Control>, Receiver<Control>),
+        sinks: Sinks,
+        spool: Arc<Spool>,
+    ) -> Result<Session, StartError> {
         let health = plan.status.is_some().then(|| {
             let events = sinks.events.clone();
             Health::new(
@@ -189,7 +227,8 @@ impl Session {
             true => Some(SignalThread::start(tx.clone())?),
             false => None,
         };
-        let shutdown = Shutdown::new(plan.capture.is_some(), plan.uploads.is_some(), UPLOAD_GRACE);
+        let captures = plan.capture.is_some();
+        let shutdown = Shutdown::new(captures, plan.uploads.is_some(), UPLOAD_GRACE);
         let mut session = Session {
             tx,
             rx,
@@ -202,6 +241,7 @@ impl Session {
             uploader: None,
             pipeline: None,
             shutdown,
+            captures,
         };
         if let Some(uploads) = plan.uploads {
             session.uploader = Some(session.start_uploads(config, uploads)?);
@@ -348,9 +388,13 @@ impl Session {
             match self.shutdown.phase(Instant::now()) {
                 Phase::Done => break,
                 Phase::TimedOut => {
-                    tracing::warn!(
-                        "the upload in flight did not finish in time; it stays in the spool"
-                    );
+                    // (`hark upload` has always ended here without a word: its summary says
+                    // what is still waiting.)
+                    if self.captures {
+                        tracing::warn!(
+                            "the upload in flight did not finish in time; it stays in the spool"
+                        );
+                    }
                     break;
                 }
                 Phase::Running => {}
@@ -377,7 +421,8 @@ impl Session {
                 Ok(Control::Signal(sig)) => self.stop_signal(sig),
                 Ok(Control::SinkGone(name)) => {
                     if self.sinks.gone(name) && self.shutdown.cause().is_none() {
-                        tracing::info!("no sink is left to take events; stopping");
+                        let what = if self.captures { "" } else { " the upload" };
+                        tracing::info!("no sink is left to take events; stopping{what}");
                         self.input(Input::LastSinkGone);
                     }
                 }
