@@ -75,11 +75,11 @@ pub enum DecodeError {
     /// The page starting at byte `offset` is damaged: no capture pattern,
     /// an unknown Ogg version, or a CRC mismatch.
     #[error("bad Ogg page at byte {offset}: {reason}")]
-    BadPage { offset: usize, reason: &'static str },
+    BadPage { offset: u64, reason: &'static str },
     /// The input ends inside the page starting at byte `offset`, or (with
     /// `offset` = input length) before the Opus headers are complete.
     #[error("input truncated inside the Ogg page or headers at byte {offset}")]
-    Truncated { offset: usize },
+    Truncated { offset: u64 },
     /// No logical stream begins with an OpusHead packet.
     #[error("no Opus stream (no logical stream begins with OpusHead)")]
     NoOpusHead,
@@ -95,7 +95,7 @@ pub enum DecodeError {
     /// OpusTags, a packet over 16 MB); `offset` is the byte offset of the
     /// page.
     #[error("bad Ogg/Opus stream at byte {offset}: {reason}")]
-    BadStream { offset: usize, reason: &'static str },
+    BadStream { offset: u64, reason: &'static str },
     /// The audio of a file decoded into memory is longer than 4 hours.
     #[error("decoded audio longer than 4 hours")]
     TooLong,
@@ -189,13 +189,13 @@ pub(crate) fn ogg_opus_to_wav(bytes: &[u8]) -> Result<Vec<u8>, DecodeError> {
 pub(crate) struct OggOpusReader<R> {
     input: R,
     /// Byte offset of the next page in the input.
-    offset: usize,
+    offset: u64,
     parse_opts: Arc<PageParsingOptions>,
     packets: BasePacketReader,
     serial: u32,
     next_sequence: u32,
     /// Offset of the last page of the stream read.
-    page_offset: usize,
+    page_offset: u64,
     /// A page of the stream has been read.
     started: bool,
     /// The last page of the stream ended inside a packet.
@@ -230,7 +230,7 @@ pub(crate) struct OggOpusReader<R> {
 /// One page read and checked (CRC included), not yet given to the packet
 /// reader.
 struct Page {
-    offset: usize,
+    offset: u64,
     header: PageHeader,
     /// The last packet on the page goes on in the next page.
     ends_in_packet: bool,
@@ -422,7 +422,7 @@ impl<R: Read> OggOpusReader<R> {
         let page = parser
             .parse_packet_data(body)
             .map_err(|e| page_error(e, offset))?;
-        self.offset = offset.saturating_add(HEADER_LEN + segments + body_len);
+        self.offset = offset.saturating_add((HEADER_LEN + segments + body_len) as u64);
         Ok(Some(Page {
             offset,
             header,
@@ -502,7 +502,7 @@ impl<R: Read> OggOpusReader<R> {
     }
 
     /// One packet completed on the page at `offset`.
-    fn packet(&mut self, packet: Vec<u8>, offset: usize) -> Result<(), DecodeError> {
+    fn packet(&mut self, packet: Vec<u8>, offset: u64) -> Result<(), DecodeError> {
         let index = self.count;
         self.count += 1;
         match index {
@@ -534,7 +534,7 @@ impl<R: Read> OggOpusReader<R> {
 }
 
 /// The error for a page the `ogg` crate rejects.
-fn page_error(e: OggReadError, offset: usize) -> DecodeError {
+fn page_error(e: OggReadError, offset: u64) -> DecodeError {
     let bad = |reason| DecodeError::BadPage { offset, reason };
     match e {
         OggReadError::HashMismatch(..) => bad("CRC mismatch"),
@@ -823,7 +823,7 @@ mod tests {
                 bad[at] ^= 0x10;
                 match decode_ogg_opus(&bad) {
                     Err(DecodeError::BadPage { offset, reason }) => {
-                        assert_eq!(offset, r.start);
+                        assert_eq!(offset, r.start as u64);
                         assert_eq!(reason, "CRC mismatch");
                     }
                     other => panic!("byte {at}: {other:?}"),
@@ -834,7 +834,7 @@ mod tests {
         bad[pages[2].start] = b'X';
         assert!(matches!(
             decode_ogg_opus(&bad),
-            Err(DecodeError::BadPage { offset, .. }) if offset == pages[2].start
+            Err(DecodeError::BadPage { offset, .. }) if offset == pages[2].start as u64
         ));
     }
 
@@ -856,11 +856,11 @@ mod tests {
             match inside {
                 _ if cut < 4 => assert!(matches!(result, Err(DecodeError::NotOgg))),
                 Some(r) => assert!(
-                    matches!(result, Err(DecodeError::Truncated { offset }) if offset == r.start),
+                    matches!(result, Err(DecodeError::Truncated { offset }) if offset == r.start as u64),
                     "cut {cut}: {result:?}"
                 ),
                 None if cut < pages[1].end => assert!(
-                    matches!(result, Err(DecodeError::Truncated { offset }) if offset == cut),
+                    matches!(result, Err(DecodeError::Truncated { offset }) if offset == cut as u64),
                     "cut {cut}: {result:?}"
                 ),
                 None => {
@@ -899,7 +899,7 @@ mod tests {
         gap.extend_from_slice(&bytes[p[3].start..]);
         assert!(matches!(
             decode_ogg_opus(&gap),
-            Err(DecodeError::BadStream { offset, .. }) if offset == p[2].start
+            Err(DecodeError::BadStream { offset, .. }) if offset == p[2].start as u64
         ));
 
         let (_, packets) = parse(&bytes);
