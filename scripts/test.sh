@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: on this machine formatting, lints, unit and integration tests (real ALSA
-# file plugin, espeak-ng speech, opus-tools checks, mosquitto, a TLS server on loopback); then for
-# aarch64 and armv7 the release build, the same unit and integration tests under qemu-user, the
-# .deb and a comparison of the events with this machine's, and for ARMv6 the C parts
-# (scripts/cross.sh).
+# The whole test suite: on this machine formatting, lints, the API docs, unit and integration
+# tests (real ALSA file plugin, espeak-ng speech, opus-tools checks, mosquitto, a TLS server on
+# loopback); then for aarch64 and armv7 the release build, the same unit and integration tests
+# under qemu-user, the .deb and a comparison of the events with this machine's, and for ARMv6 the
+# C parts (scripts/cross.sh).
 #
 #   scripts/test.sh          all of it
 #   scripts/test.sh host     this machine's part only
@@ -20,6 +20,7 @@ if [ "$part" != cross ]; then
     scripts/deps.sh test
     cargo fmt --all -- --check
     cargo clippy --all-targets --quiet -- -D warnings
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items --quiet
     cargo test --locked 2>&1
 fi
 if [ "$part" != host ]; then

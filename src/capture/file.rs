@@ -8,7 +8,7 @@
 //! `fLaC` FLAC, `OggS` Ogg/Opus and `ID3` MP3, whatever the name; otherwise a name ending in
 //! `.wav`/`.wave` is WAV, `.flac` FLAC, `.mp3` MP3 and `.ogg`/`.opus`/`.oga` Ogg/Opus; anything
 //! else is raw s16le. WAV and raw are read here; the compressed formats by
-//! [`MediaSource`](super::media::MediaSource). A recognised file that does not parse is an error,
+//! [`MediaSource`]. A recognised file that does not parse is an error,
 //! never read as raw noise. The bytes read to recognise a file are put back in front of it, so a
 //! FIFO works for every format.
 
