@@ -148,8 +148,6 @@ pub(crate) struct Session {
     uploader: Option<Uploader>,
     pipeline: Option<Pipeline>,
     shutdown: Shutdown,
-    /// Whether it captures (`hark upload` does not: its messages say "the upload").
-    captures: bool,
 }
 
 /// What a session left behind when it ended.
@@ -182,10 +180,9 @@ impl Session {
     ) -> Result<Session, E> {
         let started = Instant::now();
         let (tx, rx) = mpsc::channel();
-        let outputs = std::mem::replace(&mut plan.outputs, Outputs::Given(Vec::new()));
-        let sinks = match outputs {
+        let sinks = match &mut plan.outputs {
             Outputs::Configured => Sinks::start(config, &tx)?,
-            Outputs::Given(queues) => Sinks::given(config, queues),
+            Outputs::Given(queues) => Sinks::given(config, std::mem::take(queues)),
         };
         let spool = match plan.spool.take() {
             Some(spool) => spool,
@@ -227,8 +224,7 @@ impl Session {
             true => Some(SignalThread::start(tx.clone())?),
             false => None,
         };
-        let captures = plan.capture.is_some();
-        let shutdown = Shutdown::new(captures, plan.uploads.is_some(), UPLOAD_GRACE);
+        let shutdown = Shutdown::new(plan.capture.is_some(), plan.uploads.is_some(), UPLOAD_GRACE);
         let mut session = Session {
             tx,
             rx,
@@ -241,7 +237,6 @@ impl Session {
             uploader: None,
             pipeline: None,
             shutdown,
-            captures,
         };
         if let Some(uploads) = plan.uploads {
             session.uploader = Some(session.start_uploads(config, uploads)?);
@@ -390,7 +385,7 @@ impl Session {
                 Phase::TimedOut => {
                     // (`hark upload` has always ended here without a word: its summary says
                     // what is still waiting.)
-                    if self.captures {
+                    if self.pipeline.is_some() {
                         tracing::warn!(
                             "the upload in flight did not finish in time; it stays in the spool"
                         );
@@ -421,7 +416,11 @@ impl Session {
                 Ok(Control::Signal(sig)) => self.stop_signal(sig),
                 Ok(Control::SinkGone(name)) => {
                     if self.sinks.gone(name) && self.shutdown.cause().is_none() {
-                        let what = if self.captures { "" } else { " the upload" };
+                        let what = if self.pipeline.is_some() {
+                            ""
+                        } else {
+                            " the upload"
+                        };
                         tracing::info!("no sink is left to take events; stopping{what}");
                         self.input(Input::LastSinkGone);
                     }
