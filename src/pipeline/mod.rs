@@ -208,7 +208,7 @@ pub(crate) struct PipelineHealth {
     /// Overruns so far (ring full, device xruns), each one a gap.
     pub(crate) overruns: u64,
     /// Utterances kept so far.
-    pub utterances: u64,
+    pub(crate) utterances: u64,
     /// How far (in samples at 16 kHz) the dsp thread has judged the stream.
     pub(crate) position: u64,
     /// Bumped for each capture period that moved the stream, and while a lost device is awaited.
